@@ -1,0 +1,127 @@
+"""Input images in, output files out: decoding, the Kontext sizes, tensors, encoding."""
+
+from __future__ import annotations
+
+import enum
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import PIL.Image
+import PIL.ImageOps
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+from flux.errors import InvalidInputError
+
+MATCH_INPUT_IMAGE = "match_input_image"
+
+# Output sizes (width, height) for a fixed aspect ratio, as Replicate's flux-kontext-dev serves them.
+ASPECT_RATIO_SIZES: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "16:9": (1328, 800),
+    "21:9": (1568, 672),
+    "3:2": (1248, 832),
+    "2:3": (832, 1248),
+    "4:5": (944, 1104),
+    "5:4": (1104, 944),
+    "3:4": (880, 1184),
+    "4:3": (1184, 880),
+    "9:16": (800, 1328),
+    "9:21": (672, 1568),
+}
+ASPECT_RATIOS = [MATCH_INPUT_IMAGE, *ASPECT_RATIO_SIZES]
+
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+"""Transparent pixels are composited onto white before editing."""
+
+# Resizing and [-1, 1] normalisation exactly as diffusers' Kontext pipeline does them (Lanczos).
+_processor = VaeImageProcessor(vae_scale_factor=16)
+
+
+class OutputFormat(enum.StrEnum):
+    WEBP = "webp"
+    JPG = "jpg"
+    PNG = "png"
+
+
+_PIL_FORMAT = {OutputFormat.WEBP: "WEBP", OutputFormat.JPG: "JPEG", OutputFormat.PNG: "PNG"}
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open an image file as RGB, with its EXIF orientation applied and transparency flattened."""
+    try:
+        with PIL.Image.open(path) as img:
+            img = PIL.ImageOps.exif_transpose(img)
+            img.load()
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+        raise InvalidInputError("input_image", f"could not be read as an image ({e.__class__.__name__})") from e
+    return to_rgb(img)
+
+
+def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    """RGB copy of `img`; pixels with alpha are composited onto TRANSPARENT_BACKGROUND."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def kontext_size(width: int, height: int) -> tuple[int, int]:
+    """The preferred Kontext resolution (width, height) whose aspect ratio is nearest the image's.
+    Kontext was trained on these sizes."""
+    aspect = width / height
+    _, w, h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return w, h
+
+
+def output_size(aspect_ratio: str, input_width: int, input_height: int) -> tuple[int, int]:
+    """(width, height) of the edited image."""
+    if aspect_ratio == MATCH_INPUT_IMAGE:
+        return kontext_size(input_width, input_height)
+    try:
+        return ASPECT_RATIO_SIZES[aspect_ratio]
+    except KeyError:
+        raise InvalidInputError("aspect_ratio", f"must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}") from None
+
+
+def image_to_tensor(img: PIL.Image.Image, width: int, height: int) -> torch.Tensor:
+    """(1, 3, height, width) float32 in [-1, 1], resized with Lanczos."""
+    return _processor.preprocess(_processor.resize(img, height, width), height, width)
+
+
+def tensor_to_image(pixels: torch.Tensor) -> PIL.Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> PIL RGB image."""
+    return _processor.postprocess(pixels.float(), output_type="pil")[0]
+
+
+def save_image(
+    img: PIL.Image.Image, directory: str | os.PathLike, fmt: OutputFormat | str, quality: int, description: str = ""
+) -> Path:
+    """Encode `img` into a new uniquely named file in `directory`.
+
+    The file appears complete or not at all (written beside, then renamed). `quality` applies to
+    webp and jpg. `description`, if given, is stored as the EXIF ImageDescription.
+    """
+    fmt = OutputFormat(fmt)
+    directory = Path(directory)
+    target = directory / f"output-{uuid.uuid4().hex[:12]}.{fmt.value}"
+    kwargs: dict = {}
+    if fmt in (OutputFormat.WEBP, OutputFormat.JPG):
+        kwargs["quality"] = quality
+    if description:
+        exif = PIL.Image.Exif()
+        exif[0x010E] = description  # ImageDescription
+        kwargs["exif"] = exif
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format=_PIL_FORMAT[fmt], **kwargs)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,111 @@
+"""The FLUX.1 Kontext components and strict loading from a diffusers-layout directory.
+
+The classes are the libraries' own: diffusers' FluxTransformer2DModel and AutoencoderKL,
+transformers' CLIPTextModel and T5EncoderModel with their tokenizers. The libraries fill missing
+tensors with fresh random values and only warn; here a missing, unexpected or mis-shaped tensor
+is an error that names the component and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+from flux.errors import WeightsError
+from flux.sampling import ScheduleConfig
+from flux.tiny import RANDOM_WEIGHTS_MARKER
+
+logger = logging.getLogger(__name__)
+
+# subfolder -> the class its weights load into
+_MODELS = {
+    "transformer": FluxTransformer2DModel,
+    "vae": AutoencoderKL,
+    "text_encoder": CLIPTextModel,
+    "text_encoder_2": T5EncoderModel,
+}
+_TOKENIZERS = {"tokenizer": CLIPTokenizer, "tokenizer_2": T5Tokenizer}
+REQUIRED_ENTRIES = ("model_index.json", "scheduler", *_MODELS, *_TOKENIZERS)
+
+
+@dataclass
+class FluxComponents:
+    transformer: FluxTransformer2DModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel  # CLIP-L: pooled embedding
+    text_encoder_2: T5EncoderModel  # T5-XXL: per-token embeddings
+    tokenizer: CLIPTokenizer
+    tokenizer_2: T5Tokenizer
+    schedule: ScheduleConfig
+    random_weights: bool  # True for the tiny test model: outputs are not real edits
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+
+def _check_loading_info(subfolder: str, info: dict) -> None:
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    if info.get("error_msgs"):
+        problems.append("errors: " + "; ".join(map(str, info["error_msgs"])))
+    if problems:
+        raise WeightsError(f"{subfolder}/ does not match {_MODELS[subfolder].__name__}: " + "; ".join(problems))
+
+
+def _load_model(directory: Path, subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
+    cls = _MODELS[subfolder]
+    dtype_kw = "torch_dtype" if subfolder in ("transformer", "vae") else "dtype"
+    try:
+        model, info = cls.from_pretrained(directory, subfolder=subfolder, output_loading_info=True, **{dtype_kw: dtype})
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"could not load {subfolder}/ from {directory}: {e}") from e
+    _check_loading_info(subfolder, info)
+    return model.eval().requires_grad_(False)
+
+
+def load_components(
+    directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> FluxComponents:
+    """Load every component from `directory` (the layout of black-forest-labs/FLUX.1-Kontext-dev).
+
+    Raises WeightsError naming the missing entry, file or tensor. Never falls back to random
+    weights; the tiny test model is flagged by the RANDOM_WEIGHTS file that flux.tiny writes.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise WeightsError(f"weights directory {directory} does not exist")
+    missing = [name for name in REQUIRED_ENTRIES if not (directory / name).exists()]
+    if missing:
+        raise WeightsError(f"weights directory {directory} is missing: {', '.join(missing)}")
+    scheduler_file = directory / "scheduler" / "scheduler_config.json"
+    try:
+        schedule = ScheduleConfig.from_scheduler_config(json.loads(scheduler_file.read_text()))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"could not read {scheduler_file}: {e}") from e
+
+    models = {name: _load_model(directory, name, dtype).to(device) for name in _MODELS}
+    tokenizers = {}
+    for name, cls in _TOKENIZERS.items():
+        try:
+            tokenizers[name] = cls.from_pretrained(directory / name)
+        except (OSError, ValueError, TypeError) as e:
+            raise WeightsError(f"could not load {name}/ from {directory}: {e}") from e
+    random_weights = (directory / RANDOM_WEIGHTS_MARKER).exists()
+    if random_weights:
+        logger.warning("%s holds RANDOM weights (a test model): outputs are not real edits", directory)
+    return FluxComponents(**models, **tokenizers, schedule=schedule, random_weights=random_weights)

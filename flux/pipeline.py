@@ -1,0 +1,175 @@
+"""One edit: prompt + image + options -> edited image."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from flux import images, sampling
+from flux.errors import InvalidInputError
+from flux.model import FluxComponents, load_components
+from flux.taylor_seer_utils import (
+    DEFAULT_N_DERIVATIVES,
+    MAX_N_DERIVATIVES,
+    AccelerationLevel,
+    generate_compute_step_map,
+)
+
+logger = logging.getLogger(__name__)
+
+MIN_STEPS, MAX_STEPS = 4, 50
+MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 10.0
+MAX_SEED = 2**63 - 1
+T5_MAX_TOKENS = 512  # FLUX.1 [dev] was trained with 512 T5 tokens
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """The inputs of one edit. Limits are checked by validate(), which names the bad input."""
+
+    prompt: str
+    image: PIL.Image.Image
+    aspect_ratio: str = images.MATCH_INPUT_IMAGE
+    num_inference_steps: int = 28  # MIN_STEPS..MAX_STEPS
+    guidance: float = 2.5  # embedded guidance, MIN_GUIDANCE..MAX_GUIDANCE (no CFG)
+    seed: int | None = None  # None draws a random seed; 0 is a seed like any other
+    acceleration: AccelerationLevel = AccelerationLevel.GO_REALLY_FAST
+    n_derivatives: int = DEFAULT_N_DERIVATIVES  # TaylorSeer order, 1..MAX_N_DERIVATIVES
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidInputError("prompt", "must be a non-empty instruction")
+        if not isinstance(self.image, PIL.Image.Image):
+            raise InvalidInputError("input_image", "must be an image")
+        if self.aspect_ratio not in images.ASPECT_RATIOS:
+            raise InvalidInputError("aspect_ratio", f"must be one of {images.ASPECT_RATIOS}, got {self.aspect_ratio!r}")
+        _check_int("num_inference_steps", self.num_inference_steps, MIN_STEPS, MAX_STEPS)
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
+            raise InvalidInputError("guidance", f"must be a number, got {self.guidance!r}")
+        if not (math.isfinite(self.guidance) and MIN_GUIDANCE <= self.guidance <= MAX_GUIDANCE):
+            raise InvalidInputError(
+                "guidance", f"must be between {MIN_GUIDANCE} and {MAX_GUIDANCE}, got {self.guidance}"
+            )
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        if self.acceleration not in list(AccelerationLevel):
+            levels = [level.value for level in AccelerationLevel]
+            raise InvalidInputError("acceleration", f"must be one of {levels}, got {self.acceleration!r}")
+        _check_int("n_derivatives", self.n_derivatives, 1, MAX_N_DERIVATIVES)
+
+    def with_seed(self) -> EditRequest:
+        """This request with a seed: its own, or a random one if it has none."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=secrets.randbelow(2**32))
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(name, f"must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise InvalidInputError(name, f"must be between {lo} and {hi}, got {value}")
+
+
+@dataclass
+class EditResult:
+    image: PIL.Image.Image
+    seed: int
+    latents: torch.Tensor  # (1, C, h, w) final latents before VAE decoding (unscaled)
+    transformer_calls: int
+    random_weights: bool
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase
+
+
+class KontextEditor:
+    """FLUX.1 Kontext [dev] editing with TaylorSeer step caching."""
+
+    def __init__(self, components: FluxComponents):
+        self.c = components
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> KontextEditor:
+        """Load from a diffusers-layout directory; bf16 on a GPU, float32 on the CPU by default."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return cls(load_components(directory, device, dtype))
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 512, D) T5 hidden states and (1, P) CLIP pooled embedding."""
+        c = self.c
+        t5 = c.tokenizer_2(prompt, padding="max_length", max_length=T5_MAX_TOKENS, truncation=True, return_tensors="pt")
+        n_t5 = len(c.tokenizer_2(prompt, truncation=False).input_ids)
+        if n_t5 > T5_MAX_TOKENS:
+            logger.warning("prompt is %d T5 tokens; only the first %d are used", n_t5, T5_MAX_TOKENS)
+        clip_len = c.tokenizer.model_max_length
+        clip = c.tokenizer(prompt, padding="max_length", max_length=clip_len, truncation=True, return_tensors="pt")
+        txt = c.text_encoder_2(t5.input_ids.to(c.device), output_hidden_states=False)[0]
+        vec = c.text_encoder(clip.input_ids.to(c.device), output_hidden_states=False).pooler_output
+        return txt.to(c.dtype), vec.to(c.dtype)
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> (1, C, H/8, W/8) latents, shifted and scaled (distribution mode)."""
+        vae = self.c.vae
+        latents = vae.encode(pixels.to(self.c.device, vae.dtype)).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, C, h, w) latents -> (1, 3, 8h, 8w) pixels in [-1, 1]."""
+        vae = self.c.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+
+    @torch.inference_mode()
+    def edit(self, request: EditRequest, on_step: sampling.StepCallback | None = None) -> EditResult:
+        """Run one edit. Raises InvalidInputError naming the input for a bad request."""
+        request.validate()
+        request = request.with_seed()
+        seed = request.seed
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        txt, vec = self.encode_prompt(request.prompt)
+        seconds["text"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        src_w, src_h = images.kontext_size(*request.image.size)
+        out_w, out_h = images.output_size(request.aspect_ratio, *request.image.size)
+        context = self.encode_image(images.image_to_tensor(request.image, src_w, src_h))
+        seconds["image"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        inputs = sampling.prepare(context, txt, vec, out_h // 8, out_w // 8, seed)
+        timesteps = sampling.get_schedule(request.num_inference_steps, inputs.noise.shape[1], self.c.schedule)
+        step_map = generate_compute_step_map(request.acceleration, request.num_inference_steps)
+        calls = 0
+
+        def count_calls(step: int, computed: bool) -> None:
+            nonlocal calls
+            calls += computed
+            if on_step is not None:
+                on_step(step, computed)
+
+        tokens = sampling.denoise(
+            self.c.transformer, inputs, timesteps, request.guidance, step_map, request.n_derivatives, count_calls
+        )
+        latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
+        seconds["denoise"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        image = images.tensor_to_image(self.decode(latents))
+        seconds["decode"] = time.perf_counter() - t0
+        return EditResult(image, seed, latents, calls, self.c.random_weights, seconds)

@@ -1,0 +1,83 @@
+"""Cog adapter for FLUX.1 Kontext [dev] editing: declares the inputs, calls flux, returns a file."""
+
+import logging
+import shutil
+import tempfile
+
+from cog import BaseRunner, Input, Path
+
+from flux import images
+from flux.pipeline import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
+from flux.taylor_seer_utils import AccelerationLevel
+from flux.weights import resolve_weights_dir
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+AUTO = "auto"
+ACCELERATION_CHOICES = [AUTO, *(level.value for level in AccelerationLevel)]
+
+
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        self.editor = KontextEditor.from_pretrained(resolve_weights_dir())
+        self._last_output_dir: str | None = None
+
+    def run(
+        self,
+        prompt: str = Input(description="Text instruction describing the edit, e.g. 'make the car red'."),
+        input_image: Path = Input(description="Image to edit: jpeg, png, gif or webp."),
+        aspect_ratio: str = Input(
+            description="Aspect ratio of the output. match_input_image keeps the input's (snapped to the "
+            "nearest resolution Kontext was trained on).",
+            choices=images.ASPECT_RATIOS,
+            default=images.MATCH_INPUT_IMAGE,
+        ),
+        num_inference_steps: int = Input(description="Denoising steps.", ge=MIN_STEPS, le=MAX_STEPS, default=28),
+        guidance: float = Input(
+            description="How strongly to follow the prompt.", ge=MIN_GUIDANCE, le=MAX_GUIDANCE, default=2.5
+        ),
+        seed: int | None = Input(description="Random seed; leave blank for a random one.", default=None),
+        output_format: str = Input(
+            description="Format of the output image.", choices=[f.value for f in images.OutputFormat], default="webp"
+        ),
+        output_quality: int = Input(
+            description="Quality for webp and jpg, 0-100. Ignored for png.", ge=0, le=100, default=80
+        ),
+        go_fast: bool = Input(
+            description="Skip transformer calls on some steps with TaylorSeer (13 of 28 steps computed). "
+            "Faster; may lose quality on complex edits.",
+            default=True,
+        ),
+        acceleration: str = Input(
+            description="TaylorSeer level. auto follows go_fast (true: go really fast, false: none); the others "
+            "override it: none computes every step, go fast 18 of 28, go really fast 13 of 28.",
+            choices=ACCELERATION_CHOICES,
+            default=AUTO,
+        ),
+    ) -> Path:
+        if acceleration == AUTO:
+            acceleration = AccelerationLevel.GO_REALLY_FAST if go_fast else AccelerationLevel.NONE
+        request = EditRequest(
+            prompt=prompt,
+            image=images.load_image(input_image),
+            aspect_ratio=aspect_ratio,
+            num_inference_steps=num_inference_steps,
+            guidance=guidance,
+            seed=seed,
+            acceleration=acceleration,
+        )
+        request.validate()
+        request = request.with_seed()
+        print(f"Using seed: {request.seed}")
+        result = self.editor.edit(request)
+        print(f"Transformer calls: {result.transformer_calls} of {num_inference_steps} steps ({acceleration})")
+        note = ""
+        if result.random_weights:
+            note = "generated with RANDOM test weights, not a real edit"
+            print(f"Warning: {note}")
+        # Each prediction writes into a fresh directory; the previous one has been read by the server
+        # by the time the next prediction starts (one at a time), so it is removed then.
+        if self._last_output_dir:
+            shutil.rmtree(self._last_output_dir, ignore_errors=True)
+        self._last_output_dir = tempfile.mkdtemp(prefix="flux-kontext-")
+        return Path(images.save_image(result.image, self._last_output_dir, output_format, output_quality, note))
