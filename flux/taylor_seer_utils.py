@@ -93,12 +93,12 @@ class TaylorSeerState:
         self.factors = new
         self.last_computed_step = step
 
-    def predict(self, step: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Extrapolate the output at `step` from the last computed step's differences."""
+    def predict(self, step: int) -> torch.Tensor:
+        """Extrapolate the output at `step` (float32) from the last computed step's differences."""
         if self.last_computed_step is None:
             raise RuntimeError("TaylorSeer has no computed step to extrapolate from")
         k = step - self.last_computed_step
         out = self.factors[0].clone()
         for i in range(1, len(self.factors)):
             out.add_(self.factors[i], alpha=k**i / math.factorial(i))
-        return out if dtype is None else out.to(dtype)
+        return out

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from flux import images
+from script.demo import post_prediction
 from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,14 +35,8 @@ class Server:
     def health(self) -> dict:
         return requests.get(f"{self.url}/health-check", timeout=10).json()
 
-    def predict(self, inputs: dict, attempts: int = 20) -> requests.Response:
-        """POST /predictions, retrying briefly on 409 (the slot is still being released)."""
-        for _ in range(attempts):
-            r = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=300)
-            if r.status_code != 409:
-                return r
-            time.sleep(0.25)
-        return r
+    def predict(self, inputs: dict) -> requests.Response:
+        return post_prediction(self.url, inputs)
 
 
 @pytest.fixture(scope="module")
