@@ -1,12 +1,14 @@
 """Cog adapter for FLUX.1 Kontext [dev] editing: declares the inputs, calls flux, returns a file."""
 
 import logging
+import pathlib
 import shutil
 import tempfile
 
 from cog import BaseRunner, Input, Path
 
 from flux import images
+from flux.errors import InvalidInputError
 from flux.pipeline import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.weights import resolve_weights_dir
@@ -55,6 +57,12 @@ class Predictor(BaseRunner):
             default=AUTO,
         ),
     ) -> Path:
+        # The server hands over uploads, data URIs and URLs as downloaded files (a Path); a plain
+        # string is a path on this machine that the client typed, and must not be read.
+        if not isinstance(input_image, pathlib.Path):
+            raise InvalidInputError(
+                "input_image", "must be an uploaded file, a data URI or an http(s) URL, not a path on the server"
+            )
         if acceleration == AUTO:
             acceleration = AccelerationLevel.GO_REALLY_FAST if go_fast else AccelerationLevel.NONE
         request = EditRequest(

@@ -143,3 +143,20 @@ def test_error_inside_the_predictor_names_the_input(server):
     assert body["status"] == "failed"
     assert "InvalidInputError: prompt must be a non-empty instruction" in body["error"]
     assert server.health()["status"] == "READY"
+
+
+@pytest.mark.parametrize("value", ["/etc/passwd", "../weights/README.md", "file:///etc/passwd", "predict.py"])
+def test_input_image_cannot_name_a_file_on_the_server(server, value):
+    body = server.predict({"prompt": "make it red", "input_image": value, "num_inference_steps": 4}).json()
+    assert body["status"] == "failed"
+    assert "input_image must be an uploaded file, a data URI or an http(s) URL" in body["error"]
+    assert "root:" not in body["error"] + body.get("logs", "")
+    assert server.health()["status"] == "READY"
+
+
+def test_bytes_that_are_not_an_image_are_named(server):
+    uri = "data:image/png;base64," + base64.b64encode(b"definitely not a png").decode()
+    body = server.predict({"prompt": "make it red", "input_image": uri, "num_inference_steps": 4}).json()
+    assert body["status"] == "failed"
+    assert "input_image could not be read as an image" in body["error"]
+    assert server.health()["status"] == "READY"
