@@ -34,6 +34,10 @@ ASPECT_RATIO_SIZES: dict[str, tuple[int, int]] = {
 }
 ASPECT_RATIOS = [MATCH_INPUT_IMAGE, *ASPECT_RATIO_SIZES]
 
+MAX_INPUT_PIXELS = 100_000_000
+"""Largest input accepted (width × height), checked from the header before the pixels are decoded.
+The edit works at about one megapixel, so larger inputs only cost memory."""
+
 TRANSPARENT_BACKGROUND = (255, 255, 255)
 """Transparent pixels are composited onto white before editing."""
 
@@ -54,8 +58,15 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Open an image file as RGB, with its EXIF orientation applied and transparency flattened."""
     try:
         with PIL.Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_INPUT_PIXELS:
+                raise InvalidInputError(
+                    "input_image", f"is {width}×{height} pixels; the most accepted is {MAX_INPUT_PIXELS:,} pixels"
+                )
             img = PIL.ImageOps.exif_transpose(img)
             img.load()
+    except InvalidInputError:
+        raise
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
         raise InvalidInputError("input_image", f"could not be read as an image ({e.__class__.__name__})") from e
     return to_rgb(img)

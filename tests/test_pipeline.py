@@ -1,6 +1,7 @@
 import math
 
 import PIL.Image
+import PIL.ImageFile
 import pytest
 
 from flux import images
@@ -85,6 +86,15 @@ def test_unreadable_image_is_named(tmp_path):
     bad.write_bytes(b"not an image at all")
     with pytest.raises(InvalidInputError, match="^input_image could not be read"):
         images.load_image(bad)
+
+
+def test_oversize_image_is_refused_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "wide.png"
+    PIL.Image.new("RGB", (400, 300)).save(path)
+    monkeypatch.setattr(images, "MAX_INPUT_PIXELS", 400 * 300 - 1)
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded an oversize image"))
+    with pytest.raises(InvalidInputError, match="^input_image is 400×300 pixels"):
+        images.load_image(path)
 
 
 def test_transparency_is_flattened_onto_white(tmp_path):
