@@ -8,6 +8,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
@@ -74,6 +75,10 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
 
 def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     """RGB copy of `img`; pixels with alpha are composited onto TRANSPARENT_BACKGROUND."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit grayscale: Pillow's own conversion clips every value above 255 to white.
+        pixels = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        return PIL.Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))

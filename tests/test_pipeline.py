@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import PIL.Image
 import PIL.ImageFile
 import pytest
@@ -101,6 +102,12 @@ def test_transparency_is_flattened_onto_white(tmp_path):
     path = tmp_path / "clear.png"
     PIL.Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(path)
     assert images.load_image(path).getpixel((0, 0)) == images.TRANSPARENT_BACKGROUND
+
+
+def test_sixteen_bit_grayscale_keeps_its_tones(tmp_path):
+    path = tmp_path / "gray16.png"
+    PIL.Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(path)
+    assert images.load_image(path).getpixel((0, 0)) == (128, 128, 128)
 
 
 def test_exif_orientation_is_applied(tmp_path):
