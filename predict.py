@@ -7,7 +7,7 @@ import tempfile
 
 from cog import BaseRunner, Input, Path
 
-from flux import images
+from flux import downloads, images
 from flux.errors import InvalidInputError
 from flux.pipeline import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
@@ -21,6 +21,8 @@ ACCELERATION_CHOICES = [AUTO, *(level.value for level in AccelerationLevel)]
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
+        # Input URLs get a total deadline and a size cap; failed fetches leave no file behind.
+        downloads.limit_cog_downloads("input_image")
         self.editor = KontextEditor.from_pretrained(resolve_weights_dir())
         self._last_output_dir: str | None = None
 
@@ -77,7 +79,11 @@ class Predictor(BaseRunner):
         request.validate()
         request = request.with_seed()
         print(f"Using seed: {request.seed}")
-        result = self.editor.edit(request)
+
+        def progress(step: int, computed: bool) -> None:
+            print(f"Step {step + 1}/{num_inference_steps}" + ("" if computed else " (TaylorSeer)"))
+
+        result = self.editor.edit(request, on_step=progress)
         print(f"Transformer calls: {result.transformer_calls} of {num_inference_steps} steps ({acceleration})")
         note = ""
         if result.random_weights:

@@ -6,6 +6,7 @@ import enum
 import os
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,20 +57,42 @@ _PIL_FORMAT = {OutputFormat.WEBP: "WEBP", OutputFormat.JPG: "JPEG", OutputFormat
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an image file as RGB, with its EXIF orientation applied and transparency flattened."""
-    try:
-        with PIL.Image.open(path) as img:
-            width, height = img.size
-            if width * height > MAX_INPUT_PIXELS:
-                raise InvalidInputError(
-                    "input_image", f"is {width}×{height} pixels; the most accepted is {MAX_INPUT_PIXELS:,} pixels"
-                )
-            img = PIL.ImageOps.exif_transpose(img)
-            img.load()
-    except InvalidInputError:
-        raise
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
-        raise InvalidInputError("input_image", f"could not be read as an image ({e.__class__.__name__})") from e
+    """Open an image file as RGB, with its EXIF orientation applied and transparency flattened.
+
+    Only the first frame of an animated image is used. Raises InvalidInputError naming
+    input_image, and saying why, for anything that is not a readable image of at most
+    MAX_INPUT_PIXELS pixels; the size is checked from the header, before decoding.
+    """
+    if os.path.getsize(path) == 0:
+        raise InvalidInputError("input_image", "could not be read as an image: the file is empty")
+    with warnings.catch_warnings():
+        # Pillow warns from 89 MP; the limit enforced here is MAX_INPUT_PIXELS.
+        warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+        try:
+            with PIL.Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_INPUT_PIXELS:
+                    raise InvalidInputError(
+                        "input_image", f"is {width}×{height} pixels; the most accepted is {MAX_INPUT_PIXELS:,} pixels"
+                    )
+                img = PIL.ImageOps.exif_transpose(img)
+                img.load()
+        except InvalidInputError:
+            raise
+        except PIL.UnidentifiedImageError as e:
+            raise InvalidInputError(
+                "input_image",
+                "could not be read as an image: unrecognised or damaged file (send jpeg, png, gif or webp)",
+            ) from e
+        except PIL.Image.DecompressionBombError as e:
+            raise InvalidInputError("input_image", f"has more than {MAX_INPUT_PIXELS:,} pixels") from e
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            # Pillow's messages say what is wrong ("image file is truncated", "broken data stream");
+            # the file's path on this machine is not the client's business.
+            reason = str(e).replace(str(path), "the file")
+            raise InvalidInputError(
+                "input_image", f"could not be read as an image: the file is damaged ({reason})"
+            ) from e
     return to_rgb(img)
 
 

@@ -45,7 +45,8 @@ class TinyConfig:
     axes_dims_rope: tuple[int, int, int] = (4, 6, 6)  # (16, 56, 56)
     text_dim: int = 32  # T5 d_model = joint_attention_dim (4096)
     clip_dim: int = 32  # CLIP hidden size = pooled_projection_dim (768)
-    vae_width: int = 8  # VAE channels per level (128, 256, 512, 512)
+    vae_width: int = 4  # VAE channels per level (128, 256, 512, 512); on CPU 4 decodes ~10x faster than 8
+    vae_mid_attention: bool = False  # (True); attention over 16k latent pixels would dominate CPU time
     vae_levels: int = 4  # four levels -> 8x downsampling, as in the real VAE
     latent_channels: int = 16  # (16)
     # Gain applied to the transformer's embedders after random initialisation. A default
@@ -142,6 +143,7 @@ def build_tiny_pipeline(cfg: TinyConfig = TinyConfig()) -> FluxKontextPipeline:
         layers_per_block=1,
         latent_channels=cfg.latent_channels,
         norm_num_groups=4,
+        mid_block_add_attention=cfg.vae_mid_attention,
         sample_size=1024,
         scaling_factor=0.3611,  # the real FLUX VAE's values
         shift_factor=0.1159,

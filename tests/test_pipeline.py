@@ -1,8 +1,5 @@
 import math
 
-import numpy as np
-import PIL.Image
-import PIL.ImageFile
 import pytest
 
 from flux import images
@@ -80,50 +77,3 @@ def test_invalid_inputs_are_named(editor, field, value):
         editor.edit(EditRequest(**kw))
     assert e.value.name == field
     assert str(e.value).startswith(field)
-
-
-def test_unreadable_image_is_named(tmp_path):
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not an image at all")
-    with pytest.raises(InvalidInputError, match="^input_image could not be read"):
-        images.load_image(bad)
-
-
-def test_oversize_image_is_refused_before_decoding(tmp_path, monkeypatch):
-    path = tmp_path / "wide.png"
-    PIL.Image.new("RGB", (400, 300)).save(path)
-    monkeypatch.setattr(images, "MAX_INPUT_PIXELS", 400 * 300 - 1)
-    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded an oversize image"))
-    with pytest.raises(InvalidInputError, match="^input_image is 400×300 pixels"):
-        images.load_image(path)
-
-
-def test_transparency_is_flattened_onto_white(tmp_path):
-    path = tmp_path / "clear.png"
-    PIL.Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(path)
-    assert images.load_image(path).getpixel((0, 0)) == images.TRANSPARENT_BACKGROUND
-
-
-def test_sixteen_bit_grayscale_keeps_its_tones(tmp_path):
-    path = tmp_path / "gray16.png"
-    PIL.Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(path)
-    assert images.load_image(path).getpixel((0, 0)) == (128, 128, 128)
-
-
-def test_exif_orientation_is_applied(tmp_path):
-    path = tmp_path / "rotated.jpg"
-    exif = PIL.Image.Exif()
-    exif[0x0112] = 6  # stored landscape, shown rotated 90°: portrait
-    PIL.Image.new("RGB", (40, 20)).save(path, exif=exif)
-    assert images.load_image(path).size == (20, 40)
-
-
-@pytest.mark.parametrize("fmt,pil_format", [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
-def test_save_image_writes_unique_complete_files(tmp_path, fmt, pil_format):
-    a = images.save_image(IMAGE, tmp_path, fmt, 80, "made with random weights")
-    b = images.save_image(IMAGE, tmp_path, fmt, 80)
-    assert a != b and a.suffix == f".{fmt}"
-    with PIL.Image.open(a) as img:
-        assert img.format == pil_format and img.size == IMAGE.size
-        assert img.getexif().get(0x010E) == "made with random weights"
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [f".{fmt}"] * 2

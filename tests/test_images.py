@@ -1,0 +1,108 @@
+"""Decoding input images (every case in tests/hostile_files.py) and encoding outputs."""
+
+import numpy as np
+import PIL.Image
+import PIL.ImageFile
+import pytest
+
+from flux import images
+from flux.errors import InvalidInputError
+from tests.conftest import make_image
+from tests.hostile_files import CASES, animated_gif, encode, rgba
+
+IMAGE = make_image(200, 150)
+
+
+def load(tmp_path, data: bytes) -> PIL.Image.Image:
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    return images.load_image(path)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_each_case_decodes_upright_or_fails_naming_the_input(tmp_path, name):
+    case = CASES[name]
+    if isinstance(case.expect, tuple):
+        img = load(tmp_path, case.build())
+        assert img.mode == "RGB" and img.size == case.expect
+    else:
+        with pytest.raises(InvalidInputError) as e:
+            load(tmp_path, case.build())
+        assert str(e.value).startswith("input_image ") and case.expect in str(e.value)
+        assert str(tmp_path) not in str(e.value)
+
+
+def test_oversize_image_is_refused_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "wide.png"
+    PIL.Image.new("RGB", (400, 300)).save(path)
+    monkeypatch.setattr(images, "MAX_INPUT_PIXELS", 400 * 300 - 1)
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded an oversize image"))
+    with pytest.raises(InvalidInputError, match="^input_image is 400×300 pixels"):
+        images.load_image(path)
+
+
+def test_transparency_is_flattened_onto_white(tmp_path):
+    img = load(tmp_path, encode(rgba(), "PNG"))
+    assert img.getpixel((0, 0)) == images.TRANSPARENT_BACKGROUND  # alpha 0 on the left half
+    assert img.getpixel((63, 0)) == rgba().convert("RGB").getpixel((63, 0))  # opaque right half kept
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_palette_transparency_is_flattened_onto_white(tmp_path, fmt):
+    img = load(tmp_path, encode(rgba().convert("P"), fmt, transparency=0))
+    assert img.getpixel((0, 0)) == images.TRANSPARENT_BACKGROUND
+
+
+def test_sixteen_bit_grayscale_keeps_its_tones(tmp_path):
+    img = load(tmp_path, encode(PIL.Image.fromarray(np.full((4, 4), 32768, np.uint16)), "PNG"))
+    assert img.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_cmyk_jpeg_keeps_its_colours(tmp_path):
+    red = PIL.Image.new("RGB", (16, 16), (220, 20, 20))
+    img = load(tmp_path, encode(red.convert("CMYK"), "JPEG", quality=95))
+    assert np.abs(np.asarray(img, np.int16) - np.asarray(red, np.int16)).max() < 12
+
+
+def test_animated_gif_uses_its_first_frame(tmp_path):
+    assert load(tmp_path, animated_gif()).getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_exif_orientation_is_applied_to_the_pixels(tmp_path):
+    src = PIL.Image.new("RGB", (40, 20), (0, 0, 0))
+    src.paste((255, 255, 255), (0, 0, 10, 20))  # white stripe on the left
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90° clockwise: portrait, stripe on top
+    img = load(tmp_path, encode(src, "PNG", exif=exif))
+    assert img.size == (20, 40)
+    assert img.getpixel((10, 2)) == (255, 255, 255) and img.getpixel((10, 37)) == (0, 0, 0)
+
+
+def test_damaged_file_errors_do_not_reveal_the_server_path(tmp_path):
+    path = tmp_path / "secret-dir" / "upload.jpg"
+    path.parent.mkdir()
+    path.write_bytes(encode(make_image(300, 200), "JPEG")[:1500])
+    with pytest.raises(InvalidInputError) as e:
+        images.load_image(path)
+    assert "secret-dir" not in str(e.value)
+
+
+@pytest.mark.parametrize("fmt,pil_format", [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
+def test_save_image_writes_unique_complete_files(tmp_path, fmt, pil_format):
+    a = images.save_image(IMAGE, tmp_path, fmt, 80, "made with random weights")
+    b = images.save_image(IMAGE, tmp_path, fmt, 80)
+    assert a != b and a.suffix == f".{fmt}"
+    with PIL.Image.open(a) as img:
+        assert img.format == pil_format and img.size == IMAGE.size
+        assert img.getexif().get(0x010E) == "made with random weights"
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [f".{fmt}"] * 2
+
+
+def test_save_image_leaves_nothing_when_encoding_fails(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        images.save_image(IMAGE, tmp_path, "png", 80)
+    assert list(tmp_path.iterdir()) == []
