@@ -17,13 +17,14 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def post_prediction(url: str, inputs: dict, attempts: int = 20) -> requests.Response:
-    """POST /predictions, retrying briefly on 409 while the server releases its slot."""
+def post_prediction(url: str, inputs: dict, attempts: int = 100) -> requests.Response:
+    """POST /predictions, retrying briefly on 409: the server takes one prediction at a time and
+    answers 409 until its slot is released, which can be a moment after the previous response."""
     for _ in range(attempts):
         r = requests.post(f"{url}/predictions", json={"input": inputs}, timeout=600)
         if r.status_code != 409:
             return r
-        time.sleep(0.25)
+        time.sleep(0.05)
     return r
 
 

@@ -1,133 +1,93 @@
 """The real Cog server (coglet, started by script/serve as the container starts it) with the tiny
-model, driven over HTTP with real image bytes."""
+model, driven over HTTP with real image bytes: formats, validation, and every hostile input in
+tests/hostile_files.py, each followed by a check that the server still answers."""
 
-import base64
-import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import PIL.Image
 import pytest
-import requests
 
 from flux import images
-from script.demo import post_prediction
+from tests.cog_server import data_uri, decode_output, running_server
 from tests.conftest import make_image
+from tests.hostile_files import CASES, encode
+from tests.http_fixtures import LocalHTTP
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+IMAGE_BYTES = encode(make_image(300, 200), "JPEG")
+IMAGE = data_uri(IMAGE_BYTES, "image/jpeg")
+DOWNLOAD_LIMITS = {"FLUX_DOWNLOAD_DEADLINE_S": "3", "FLUX_MAX_DOWNLOAD_BYTES": str(5 << 20)}
 
 
-class Server:
-    def __init__(self, url: str):
-        self.url = url
-
-    def health(self) -> dict:
-        return requests.get(f"{self.url}/health-check", timeout=10).json()
-
-    def predict(self, inputs: dict) -> requests.Response:
-        return post_prediction(self.url, inputs)
+@pytest.fixture(scope="module")
+def http():
+    server = LocalHTTP(
+        {
+            "/image.jpg": (IMAGE_BYTES, "image/jpeg"),
+            "/page.html": (b"<html><body>hello</body></html>", "text/html"),
+        }
+    )
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    port = free_port()
-    env = {**os.environ, "PORT": str(port), "FLUX_WEIGHTS": str(tiny_dir), "PYTHON": sys.executable}
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    proc = subprocess.Popen(
-        [str(ROOT / "script" / "serve")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    srv = Server(f"http://127.0.0.1:{port}")
-    deadline = time.time() + 180
-    status = None
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            status = srv.health()["status"]
-            if status in ("READY", "SETUP_FAILED"):
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    if status != "READY":
-        os.killpg(proc.pid, signal.SIGKILL)
-        log.seek(0)
-        pytest.fail(f"server did not become READY (status {status}):\n{log.read()[-3000:]}")
-    yield srv
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    with running_server(tiny_dir, tmp_path_factory.mktemp("server"), DOWNLOAD_LIMITS) as srv:
+        yield srv
 
 
-def data_uri(img: PIL.Image.Image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+def edit(server, **inputs) -> dict:
+    inputs = {"prompt": "make the car red", "input_image": IMAGE, "num_inference_steps": 4, "seed": 1, **inputs}
+    r = server.predict(inputs)
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
-def decode_output(output: str) -> PIL.Image.Image:
-    header, payload = output.split(",", 1)
-    assert header.startswith("data:image/")
-    return PIL.Image.open(io.BytesIO(base64.b64decode(payload)))
-
-
-IMAGE = data_uri(make_image(300, 200), "JPEG")
+def assert_failed_naming(server, body: dict, text: str) -> None:
+    assert body["status"] == "failed", body.get("logs")
+    assert text in body["error"], body["error"]
+    assert server.health()["status"] == "READY"
 
 
 @pytest.mark.parametrize("fmt,pil_format", [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
 def test_edit_returns_an_image_in_each_format(server, fmt, pil_format):
-    r = server.predict(
-        {"prompt": "make the car red", "input_image": IMAGE, "num_inference_steps": 4, "seed": 1, "output_format": fmt}
-    )
-    assert r.status_code == 200, r.text
-    body = r.json()
+    body = edit(server, output_format=fmt)
     assert body["status"] == "succeeded", body.get("error") or body.get("logs")
     img = decode_output(body["output"])
     assert img.format == pil_format
     assert img.size == images.kontext_size(300, 200) == (1248, 832)
     assert "Using seed: 1" in body["logs"]
+    assert "Step 4/4" in body["logs"]
     assert "RANDOM" in body["logs"]
 
 
 def test_fixed_aspect_ratio_and_seed_zero(server):
-    r = server.predict(
-        {
-            "prompt": "turn it blue",
-            "input_image": IMAGE,
-            "num_inference_steps": 4,
-            "seed": 0,
-            "aspect_ratio": "9:16",
-            "go_fast": False,
-        }
-    )
-    body = r.json()
+    body = edit(server, prompt="turn it blue", seed=0, aspect_ratio="9:16", go_fast=False)
     assert body["status"] == "succeeded", body
     assert decode_output(body["output"]).size == (800, 1328)
     assert "Using seed: 0" in body["logs"]
     assert "Transformer calls: 4 of 4" in body["logs"]
 
 
+def test_taylor_seer_steps_are_marked_in_the_progress(server):
+    body = edit(server, num_inference_steps=8, acceleration="go really fast")
+    assert body["status"] == "succeeded", body
+    assert "Step 4/8 (TaylorSeer)" in body["logs"] and "Step 3/8\n" in body["logs"]
+    assert "Transformer calls: 7 of 8" in body["logs"]
+
+
 @pytest.mark.parametrize(
     "inputs,field",
     [
         ({"input_image": IMAGE}, "prompt"),
+        ({"prompt": "x"}, "input_image"),
         ({"prompt": "x", "input_image": IMAGE, "num_inference_steps": 100}, "num_inference_steps"),
+        ({"prompt": "x", "input_image": IMAGE, "num_inference_steps": 3}, "num_inference_steps"),
         ({"prompt": "x", "input_image": IMAGE, "aspect_ratio": "7:3"}, "aspect_ratio"),
         ({"prompt": "x", "input_image": IMAGE, "guidance": 11}, "guidance"),
+        ({"prompt": "x", "input_image": IMAGE, "guidance": -0.5}, "guidance"),
         ({"prompt": "x", "input_image": IMAGE, "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "input_image": IMAGE, "output_quality": 101}, "output_quality"),
         ({"prompt": "x", "input_image": IMAGE, "acceleration": "warp"}, "acceleration"),
+        ({"prompt": "x", "input_image": IMAGE, "go_fast": "sometimes"}, "go_fast"),
+        ({"prompt": "x", "input_image": IMAGE, "seed": "lucky"}, "seed"),
     ],
 )
 def test_invalid_inputs_get_validation_errors(server, inputs, field):
@@ -137,26 +97,84 @@ def test_invalid_inputs_get_validation_errors(server, inputs, field):
     assert server.health()["status"] == "READY"
 
 
-def test_error_inside_the_predictor_names_the_input(server):
-    r = server.predict({"prompt": "   ", "input_image": IMAGE, "num_inference_steps": 4})
-    body = r.json()
-    assert body["status"] == "failed"
-    assert "InvalidInputError: prompt must be a non-empty instruction" in body["error"]
-    assert server.health()["status"] == "READY"
+@pytest.mark.parametrize(
+    "inputs,text",
+    [
+        ({"prompt": "   "}, "InvalidInputError: prompt must be a non-empty instruction"),
+        ({"seed": -1}, "InvalidInputError: seed must be"),
+        ({"seed": 2**63}, "seed"),
+    ],
+)
+def test_errors_inside_the_predictor_name_the_input(server, inputs, text):
+    assert_failed_naming(server, edit(server, **inputs), text)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["mach das Auto rot, s'il vous plaît — 赤い車にして 🚗❤️", "\u200b\u202e make it red \U0001f9ea", "x" * 5000],
+)
+def test_unicode_emoji_and_huge_prompts_edit(server, prompt):
+    body = edit(server, prompt=prompt)
+    assert body["status"] == "succeeded", body.get("error")
+
+
+def test_prompt_longer_than_the_text_encoder_is_truncated_with_a_warning(server):
+    body = edit(server, prompt=" ".join(["red"] * 600))
+    assert body["status"] == "succeeded", body.get("error")
+    assert "only the first 512 are used" in body["logs"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_hostile_image_files(server, name):
+    case = CASES[name]
+    body = edit(server, input_image=data_uri(case.build(), case.mime))
+    if isinstance(case.expect, tuple):
+        assert body["status"] == "succeeded", body.get("error")
+        assert decode_output(body["output"]).size == images.kontext_size(*case.expect)
+    else:
+        assert_failed_naming(server, body, case.expect)
+        assert "InvalidInputError: input_image " in body["error"]
 
 
 @pytest.mark.parametrize("value", ["/etc/passwd", "../weights/README.md", "file:///etc/passwd", "predict.py"])
 def test_input_image_cannot_name_a_file_on_the_server(server, value):
-    body = server.predict({"prompt": "make it red", "input_image": value, "num_inference_steps": 4}).json()
-    assert body["status"] == "failed"
-    assert "input_image must be an uploaded file, a data URI or an http(s) URL" in body["error"]
+    body = edit(server, input_image=value)
+    assert_failed_naming(server, body, "input_image must be an uploaded file, a data URI or an http(s) URL")
     assert "root:" not in body["error"] + body.get("logs", "")
-    assert server.health()["status"] == "READY"
 
 
-def test_bytes_that_are_not_an_image_are_named(server):
-    uri = "data:image/png;base64," + base64.b64encode(b"definitely not a png").decode()
-    body = server.predict({"prompt": "make it red", "input_image": uri, "num_inference_steps": 4}).json()
-    assert body["status"] == "failed"
-    assert "input_image could not be read as an image" in body["error"]
-    assert server.health()["status"] == "READY"
+@pytest.mark.parametrize(
+    "value,text",
+    [
+        ("data:image/png;base64,abcde", "input_image could not be read: the data URI is not valid base64"),
+        ("data:image/png;base64,", "input_image could not be read as an image: the file is empty"),
+        ("data:,hello", "input_image could not be read as an image: unrecognised"),
+        ("{http}/missing.png", "input_image could not be downloaded from 127.0.0.1:"),
+        ("{http}/page.html", "input_image could not be read as an image: unrecognised"),
+        ("{http}/huge.png", "input_image could not be downloaded from 127.0.0.1:"),
+        ("{http}/huge-declared.png", "larger than 5,242,880 bytes"),
+        ("{http}/drip.png", "took longer than 3 s"),
+        ("{http}/stall.png", "no answer for 3 s"),
+        ("http://127.0.0.1:9/closed-port.png", "input_image could not be downloaded from 127.0.0.1:9"),
+    ],
+)
+def test_hostile_uris_and_urls(server, http, value, text):
+    assert_failed_naming(server, edit(server, input_image=value.format(http=http.url)), text)
+
+
+def test_image_from_a_url(server, http):
+    body = edit(server, input_image=f"{http.url}/image.jpg")
+    assert body["status"] == "succeeded", body.get("error")
+    assert decode_output(body["output"]).size == (1248, 832)
+
+
+def test_no_temporary_files_pile_up(server):
+    """Runs after the suite above: every input Cog downloaded has been removed, and only the
+    latest prediction's output directory is left."""
+    before = sorted(p.name for p in server.tmpdir.iterdir())
+    for _ in range(3):
+        assert edit(server)["status"] == "succeeded"
+        assert edit(server, input_image="data:image/png;base64,")["status"] == "failed"
+    left = sorted(p for p in server.tmpdir.iterdir() if not p.name.startswith("torchinductor"))
+    assert [p.name.split("-")[0] for p in left] == ["flux"], (before, left)
+    assert len(list(left[0].iterdir())) == 1
