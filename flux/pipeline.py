@@ -20,6 +20,7 @@ from flux.taylor_seer_utils import (
     DEFAULT_N_DERIVATIVES,
     MAX_N_DERIVATIVES,
     AccelerationLevel,
+    TaylorSeerConfig,
     generate_compute_step_map,
 )
 
@@ -108,12 +109,14 @@ class KontextEditor:
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, 512, D) T5 hidden states and (1, P) CLIP pooled embedding."""
+        """(1, L, D) T5 hidden states (L = 512 for the real model) and (1, P) CLIP pooled embedding."""
         c = self.c
-        t5 = c.tokenizer_2(prompt, padding="max_length", max_length=T5_MAX_TOKENS, truncation=True, return_tensors="pt")
+        # 512 for the real model; a small test model may declare a shorter text length.
+        t5_len = min(T5_MAX_TOKENS, c.tokenizer_2.model_max_length)
+        t5 = c.tokenizer_2(prompt, padding="max_length", max_length=t5_len, truncation=True, return_tensors="pt")
         n_t5 = len(c.tokenizer_2(prompt, truncation=False).input_ids)
-        if n_t5 > T5_MAX_TOKENS:
-            logger.warning("prompt is %d T5 tokens; only the first %d are used", n_t5, T5_MAX_TOKENS)
+        if n_t5 > t5_len:
+            logger.warning("prompt is %d T5 tokens; only the first %d are used", n_t5, t5_len)
         clip_len = c.tokenizer.model_max_length
         clip = c.tokenizer(prompt, padding="max_length", max_length=clip_len, truncation=True, return_tensors="pt")
         txt = c.text_encoder_2(t5.input_ids.to(c.device), output_hidden_states=False)[0]
@@ -163,8 +166,9 @@ class KontextEditor:
             if on_step is not None:
                 on_step(step, computed)
 
+        seer = TaylorSeerConfig(order=request.n_derivatives)
         tokens = sampling.denoise(
-            self.c.transformer, inputs, timesteps, request.guidance, step_map, request.n_derivatives, count_calls
+            self.c.transformer, inputs, timesteps, request.guidance, step_map, seer=seer, on_step=count_calls
         )
         latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
         seconds["denoise"] = time.perf_counter() - t0
