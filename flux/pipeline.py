@@ -17,7 +17,7 @@ from flux import images, sampling
 from flux.errors import InvalidInputError
 from flux.model import FluxComponents, load_components
 from flux.taylor_seer_utils import (
-    DEFAULT_N_DERIVATIVES,
+    LEVEL_DEFAULT_ORDER,
     MAX_N_DERIVATIVES,
     AccelerationLevel,
     TaylorSeerConfig,
@@ -43,7 +43,7 @@ class EditRequest:
     guidance: float = 2.5  # embedded guidance, MIN_GUIDANCE..MAX_GUIDANCE (no CFG)
     seed: int | None = None  # None draws a random seed; 0 is a seed like any other
     acceleration: AccelerationLevel = AccelerationLevel.GO_REALLY_FAST
-    n_derivatives: int = DEFAULT_N_DERIVATIVES  # TaylorSeer order, 1..MAX_N_DERIVATIVES
+    n_derivatives: int | None = None  # TaylorSeer order 1..MAX_N_DERIVATIVES; None: the level's default
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -64,7 +64,8 @@ class EditRequest:
         if self.acceleration not in list(AccelerationLevel):
             levels = [level.value for level in AccelerationLevel]
             raise InvalidInputError("acceleration", f"must be one of {levels}, got {self.acceleration!r}")
-        _check_int("n_derivatives", self.n_derivatives, 1, MAX_N_DERIVATIVES)
+        if self.n_derivatives is not None:
+            _check_int("n_derivatives", self.n_derivatives, 1, MAX_N_DERIVATIVES)
 
     def with_seed(self) -> EditRequest:
         """This request with a seed: its own, or a random one if it has none."""
@@ -166,7 +167,10 @@ class KontextEditor:
             if on_step is not None:
                 on_step(step, computed)
 
-        seer = TaylorSeerConfig(order=request.n_derivatives)
+        order = request.n_derivatives
+        if order is None:
+            order = LEVEL_DEFAULT_ORDER[AccelerationLevel(request.acceleration)]
+        seer = TaylorSeerConfig(order=order)
         tokens = sampling.denoise(
             self.c.transformer, inputs, timesteps, request.guidance, step_map, seer=seer, on_step=count_calls
         )

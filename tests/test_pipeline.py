@@ -127,3 +127,23 @@ def test_save_image_writes_unique_complete_files(tmp_path, fmt, pil_format):
         assert img.format == pil_format and img.size == IMAGE.size
         assert img.getexif().get(0x010E) == "made with random weights"
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [f".{fmt}"] * 2
+
+
+@pytest.mark.parametrize(
+    "level,n_derivatives,expected", [("go fast", None, 1), ("go really fast", None, 2), ("go really fast", 3, 3)]
+)
+def test_the_level_picks_the_extrapolation_order_unless_the_request_names_one(
+    editor, monkeypatch, level, n_derivatives, expected
+):
+    from flux import sampling
+
+    seen = []
+    real_denoise = sampling.denoise
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["seer"])
+        return real_denoise(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "denoise", spy)
+    edit(editor, seed=0, acceleration=level, n_derivatives=n_derivatives)
+    assert [s.order for s in seen] == [expected]
