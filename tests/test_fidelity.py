@@ -5,6 +5,7 @@ The quick setting of the harness (flux.fidelity) runs here on the shipped proxy
 regression in the caching maths fails CI. A deliberately broken extrapolation shows the floors bite.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def floor_failures(rows, recorded) -> list[str]:
     failures = []
     for row in rows:
         rec = recorded[row.variant]
-        if row.calls != rec["calls"]:
+        # fixed levels: exactly the recorded calls; adaptive rows: a decision near the threshold may flip
+        # with another CPU's rounding
+        if abs(row.calls - rec["calls"]) > (0 if row.probes == 0 else 1):
             failures.append(f"{row.variant}: {row.calls} calls, recorded {rec['calls']}")
         if row.psnr < rec["psnr"] - PSNR_MARGIN_DB:
             failures.append(f"{row.variant}: PSNR {row.psnr:.2f} dB < {rec['psnr']} - {PSNR_MARGIN_DB}")
@@ -90,6 +93,16 @@ def test_a_broken_extrapolation_fails_the_floors(proxy_editor, monkeypatch):
     rows = quick(proxy_editor)
     failing = {f.split(":")[0] for f in floor_failures(rows, recorded)}
     assert failing == {row.variant for row in rows}
+
+
+def test_command_line_writes_the_table_and_json(proxy_editor, tmp_path, capsys):  # fixture: one thread
+    out = tmp_path / "rows.json"
+    assert fidelity.main(["--weights", str(PROXY), "--quick", "--cases", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == [v.name for v in fidelity.quick_variants()]
+    assert all(r["variant"] in table for r in rows)
+    assert rows[0]["calls"] == 18 and rows[1]["calls"] == 13
 
 
 def test_metrics():
