@@ -2,7 +2,8 @@
 
 The quick setting of the harness (flux.fidelity) runs here on the shipped proxy
 (tests/assets/proxy); each row must stay within a margin of the row recorded in FIDELITY.md, so a
-regression in the caching maths fails CI. A deliberately broken extrapolation shows the floors bite.
+regression in the caching maths fails CI. Deliberately broken extrapolations (wrong sign, none at
+all, one step late, a missing factorial) show that the floors bite.
 """
 
 import json
@@ -81,18 +82,44 @@ def test_every_shipped_acceleration_stays_above_the_recorded_fidelity(proxy_edit
     assert floor_failures(rows, recorded) == []
 
 
-def test_a_broken_extrapolation_fails_the_floors(proxy_editor, monkeypatch):
-    """The derivative terms with the wrong sign: every accelerated row must miss its floor."""
-    real_predict = TaylorSeerState.predict
+def _wrong_sign(real):
+    return lambda self, step, time=None: 2 * self.factors[0] - real(self, step, time)
 
-    def wrong_sign(self, step, time=None):
-        return 2 * self.factors[0] - real_predict(self, step, time)
 
-    monkeypatch.setattr(TaylorSeerState, "predict", wrong_sign)
+def _stale(real):  # no extrapolation: reuse the last computed output
+    return lambda self, step, time=None: self.factors[0].clone()
+
+
+def _one_step_late(real):
+    return lambda self, step, time=None: real(self, step + 1, time)
+
+
+def _no_factorial(real):  # the order-2 term without its 1/2!
+    def predict(self, step, time=None):
+        out = real(self, step, time)
+        if len(self.factors) > 2:
+            k = step - self.positions[-1]
+            out = out + self.factors[2] * (k**2 / 2)
+        return out
+
+    return predict
+
+
+@pytest.mark.parametrize(
+    "broken,rows_that_must_fail",
+    [
+        (_wrong_sign, "all"),
+        (_stale, "all"),
+        (_one_step_late, "all"),
+        (_no_factorial, {"go really fast · default"}),  # the only quick row with order 2
+    ],
+)
+def test_a_broken_extrapolation_fails_the_floors(proxy_editor, monkeypatch, broken, rows_that_must_fail):
+    monkeypatch.setattr(TaylorSeerState, "predict", broken(TaylorSeerState.predict))
     recorded = recorded_quick_rows()
     rows = quick(proxy_editor)
     failing = {f.split(":")[0] for f in floor_failures(rows, recorded)}
-    assert failing == {row.variant for row in rows}
+    assert failing == ({row.variant for row in rows} if rows_that_must_fail == "all" else rows_that_must_fail)
 
 
 def test_command_line_writes_the_table_and_json(proxy_editor, tmp_path, capsys):  # fixture: one thread
