@@ -7,6 +7,12 @@ truncated Taylor series, `v ≈ Σ_i dY[i] · k^i / i!`.
 
 This recursion is exact on linear trajectories at every order. It is not exact on curved ones:
 each backward difference estimates its derivative half a window in the past.
+
+Variants (TaylorSeerConfig): differences over the schedule's times instead of step indices, and
+Newton extrapolation (the polynomial through the last order+1 outputs, exact on polynomials up to
+that degree). AdaptiveConfig decides per step from the first transformer block whether to compute.
+FIDELITY.md measures them all; the shipped choice is the recursion over steps, at the order
+LEVEL_DEFAULT_ORDER gives each level.
 """
 
 from __future__ import annotations
