@@ -107,5 +107,5 @@ def load_components(
             raise WeightsError(f"could not load {name}/ from {directory}: {e}") from e
     random_weights = (directory / RANDOM_WEIGHTS_MARKER).exists()
     if random_weights:
-        logger.warning("%s holds RANDOM weights (a test model): outputs are not real edits", directory)
+        logger.warning("%s is a test model (random or proxy weights): outputs are not real edits", directory)
     return FluxComponents(**models, **tokenizers, schedule=schedule, random_weights=random_weights)

@@ -17,9 +17,10 @@ from flux import images, sampling
 from flux.errors import InvalidInputError
 from flux.model import FluxComponents, load_components
 from flux.taylor_seer_utils import (
-    DEFAULT_N_DERIVATIVES,
+    LEVEL_DEFAULT_ORDER,
     MAX_N_DERIVATIVES,
     AccelerationLevel,
+    TaylorSeerConfig,
     generate_compute_step_map,
 )
 
@@ -42,7 +43,7 @@ class EditRequest:
     guidance: float = 2.5  # embedded guidance, MIN_GUIDANCE..MAX_GUIDANCE (no CFG)
     seed: int | None = None  # None draws a random seed; 0 is a seed like any other
     acceleration: AccelerationLevel = AccelerationLevel.GO_REALLY_FAST
-    n_derivatives: int = DEFAULT_N_DERIVATIVES  # TaylorSeer order, 1..MAX_N_DERIVATIVES
+    n_derivatives: int | None = None  # TaylorSeer order 1..MAX_N_DERIVATIVES; None: the level's default
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -63,7 +64,8 @@ class EditRequest:
         if self.acceleration not in list(AccelerationLevel):
             levels = [level.value for level in AccelerationLevel]
             raise InvalidInputError("acceleration", f"must be one of {levels}, got {self.acceleration!r}")
-        _check_int("n_derivatives", self.n_derivatives, 1, MAX_N_DERIVATIVES)
+        if self.n_derivatives is not None:
+            _check_int("n_derivatives", self.n_derivatives, 1, MAX_N_DERIVATIVES)
 
     def with_seed(self) -> EditRequest:
         """This request with a seed: its own, or a random one if it has none."""
@@ -108,12 +110,14 @@ class KontextEditor:
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, 512, D) T5 hidden states and (1, P) CLIP pooled embedding."""
+        """(1, L, D) T5 hidden states (L = 512 for the real model) and (1, P) CLIP pooled embedding."""
         c = self.c
-        t5 = c.tokenizer_2(prompt, padding="max_length", max_length=T5_MAX_TOKENS, truncation=True, return_tensors="pt")
+        # 512 for the real model; a small test model may declare a shorter text length.
+        t5_len = min(T5_MAX_TOKENS, c.tokenizer_2.model_max_length)
+        t5 = c.tokenizer_2(prompt, padding="max_length", max_length=t5_len, truncation=True, return_tensors="pt")
         n_t5 = len(c.tokenizer_2(prompt, truncation=False).input_ids)
-        if n_t5 > T5_MAX_TOKENS:
-            logger.warning("prompt is %d T5 tokens; only the first %d are used", n_t5, T5_MAX_TOKENS)
+        if n_t5 > t5_len:
+            logger.warning("prompt is %d T5 tokens; only the first %d are used", n_t5, t5_len)
         clip_len = c.tokenizer.model_max_length
         clip = c.tokenizer(prompt, padding="max_length", max_length=clip_len, truncation=True, return_tensors="pt")
         txt = c.text_encoder_2(t5.input_ids.to(c.device), output_hidden_states=False)[0]
@@ -163,8 +167,12 @@ class KontextEditor:
             if on_step is not None:
                 on_step(step, computed)
 
+        order = request.n_derivatives
+        if order is None:
+            order = LEVEL_DEFAULT_ORDER[AccelerationLevel(request.acceleration)]
+        seer = TaylorSeerConfig(order=order)
         tokens = sampling.denoise(
-            self.c.transformer, inputs, timesteps, request.guidance, step_map, request.n_derivatives, count_calls
+            self.c.transformer, inputs, timesteps, request.guidance, step_map, seer=seer, on_step=count_calls
         )
         latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
         seconds["denoise"] = time.perf_counter() - t0

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from flux.taylor_seer_utils import DEFAULT_N_DERIVATIVES, TaylorSeerState
+from flux.taylor_seer_utils import (
+    DEFAULT_N_DERIVATIVES,
+    AdaptiveConfig,
+    FirstBlockState,
+    TaylorSeerConfig,
+    TaylorSeerState,
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,63 @@ def prepare(
 StepCallback = Callable[[int, bool], None]
 """Called after each step with (step index, whether the transformer ran)."""
 
+ExtrapolationCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
+"""Called on each skipped step with (step index, time t, latents (B, N, 4C), extrapolated velocity),
+before the Euler step: what a fidelity check needs to ask the transformer for the true velocity."""
+
+
+def _transformer_kwargs(inputs: KontextInputs, img: torch.Tensor, t: float, guidance: float) -> dict:
+    """The transformer's arguments for latents `img` (B, N, 4C) at time t: [noise | context] tokens."""
+    dtype = inputs.txt.dtype
+    b = img.shape[0]
+    device = img.device
+    return dict(
+        hidden_states=torch.cat([img.to(dtype), inputs.context.to(dtype)], dim=1),
+        encoder_hidden_states=inputs.txt,
+        pooled_projections=inputs.vec,
+        timestep=torch.full((b,), t, device=device, dtype=dtype),
+        img_ids=inputs.img_ids,
+        txt_ids=inputs.txt_ids,
+        guidance=torch.full((b,), guidance, device=device, dtype=torch.float32),
+        return_dict=False,
+    )
+
+
+def velocity(
+    transformer: torch.nn.Module, inputs: KontextInputs, img: torch.Tensor, t: float, guidance: float
+) -> torch.Tensor:
+    """One transformer call: the predicted velocity (B, N, 4C) of the noise tokens, in the model's dtype.
+    The prediction for the context tokens is cut away."""
+    return transformer(**_transformer_kwargs(inputs, img, t, guidance))[0][:, : img.shape[1]]
+
+
+class _FirstBlockDone(Exception):
+    def __init__(self, residual: torch.Tensor):
+        self.residual = residual
+
+
+def first_block_residual(
+    transformer: torch.nn.Module, inputs: KontextInputs, img: torch.Tensor, t: float, guidance: float
+) -> torch.Tensor:
+    """What the first double-stream block adds to the noise tokens' hidden states (B, N, D).
+
+    Runs diffusers' own forward (embedders, rotary embedding, block 0) and stops it right after the
+    first block with an exception from a forward hook, so nothing of the forward is duplicated here.
+    """
+    n = img.shape[1]
+
+    def stop(module, args, kwargs, output):
+        raise _FirstBlockDone(output[1][:, :n] - kwargs["hidden_states"][:, :n])
+
+    handle = transformer.transformer_blocks[0].register_forward_hook(stop, with_kwargs=True)
+    try:
+        transformer(**_transformer_kwargs(inputs, img, t, guidance))
+    except _FirstBlockDone as done:
+        return done.residual
+    finally:
+        handle.remove()
+    raise RuntimeError("the transformer returned without running its first block")
+
 
 def denoise(
     transformer: torch.nn.Module,
@@ -135,39 +198,41 @@ def denoise(
     compute_step_map: list[bool],
     n_derivatives: int = DEFAULT_N_DERIVATIVES,
     on_step: StepCallback | None = None,
+    *,
+    seer: TaylorSeerConfig | None = None,
+    adaptive: AdaptiveConfig | None = None,
+    on_extrapolated: ExtrapolationCallback | None = None,
 ) -> torch.Tensor:
     """Euler integration of the velocity field from t=1 to t=0; returns (B, N, 4C) float32 latents.
 
     On a computed step the transformer runs on [noise tokens | context tokens] and the prediction
     is cut back to the noise tokens, which is all TaylorSeer keeps. On a skipped step the velocity
-    is extrapolated. Latents stay float32 whatever the model's dtype.
+    is extrapolated (`seer`, default TaylorSeerConfig(order=n_derivatives)). Latents stay float32
+    whatever the model's dtype.
+
+    With `adaptive`, compute_step_map's True steps are always computed and each False step runs the
+    first transformer block to decide (AdaptiveConfig); without it, the map is followed as it is.
     """
     if len(compute_step_map) != len(timesteps) - 1:
         raise ValueError(f"compute_step_map has {len(compute_step_map)} entries for {len(timesteps) - 1} steps")
-    dtype = inputs.txt.dtype
-    b, n, _ = inputs.noise.shape
-    device = inputs.noise.device
-    guidance_vec = torch.full((b,), guidance, device=device, dtype=torch.float32)
-    context = inputs.context.to(dtype)
-    state = TaylorSeerState(n_derivatives=n_derivatives)
+    state = TaylorSeerState(seer if seer is not None else TaylorSeerConfig(order=n_derivatives))
+    first_block = FirstBlockState(adaptive) if adaptive is not None else None
     img = inputs.noise.float()
     for step, (t_curr, t_next) in enumerate(itertools.pairwise(timesteps)):
         computed = compute_step_map[step]
+        residual = None
+        if not computed and first_block is not None:
+            residual = first_block_residual(transformer, inputs, img, t_curr, guidance)
+            computed = first_block.should_compute(residual)
+            first_block.update(computed, residual)
         if computed:
-            pred = transformer(
-                hidden_states=torch.cat([img.to(dtype), context], dim=1),
-                encoder_hidden_states=inputs.txt,
-                pooled_projections=inputs.vec,
-                timestep=torch.full((b,), t_curr, device=device, dtype=dtype),
-                img_ids=inputs.img_ids,
-                txt_ids=inputs.txt_ids,
-                guidance=guidance_vec,
-                return_dict=False,
-            )[0][:, :n]
-            state.update(step, pred)
+            pred = velocity(transformer, inputs, img, t_curr, guidance)
+            state.update(step, pred, t_curr)
             v = pred.float()
         else:
-            v = state.predict(step)
+            v = state.predict(step, t_curr)
+            if on_extrapolated is not None:
+                on_extrapolated(step, t_curr, img, v)
         img = img + (t_next - t_curr) * v
         if on_step is not None:
             on_step(step, computed)

@@ -77,3 +77,23 @@ def test_invalid_inputs_are_named(editor, field, value):
         editor.edit(EditRequest(**kw))
     assert e.value.name == field
     assert str(e.value).startswith(field)
+
+
+@pytest.mark.parametrize(
+    "level,n_derivatives,expected", [("go fast", None, 1), ("go really fast", None, 2), ("go really fast", 3, 3)]
+)
+def test_the_level_picks_the_extrapolation_order_unless_the_request_names_one(
+    editor, monkeypatch, level, n_derivatives, expected
+):
+    from flux import sampling
+
+    seen = []
+    real_denoise = sampling.denoise
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["seer"])
+        return real_denoise(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "denoise", spy)
+    edit(editor, seed=0, acceleration=level, n_derivatives=n_derivatives)
+    assert [s.order for s in seen] == [expected]

@@ -7,7 +7,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 
 from flux import sampling
-from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
+from flux.taylor_seer_utils import AccelerationLevel, AdaptiveConfig, generate_compute_step_map
 
 
 def test_schedule_endpoints_and_shift_line():
@@ -99,9 +99,9 @@ def test_skipped_steps_extrapolate_only_noise_tokens(editor, monkeypatch):
     recorded = []
     real_update = sampling.TaylorSeerState.update
 
-    def spy(self, step, output):
+    def spy(self, step, output, *args):
         recorded.append(output.shape)
-        return real_update(self, step, output)
+        return real_update(self, step, output, *args)
 
     monkeypatch.setattr(sampling.TaylorSeerState, "update", spy)
     inputs = small_inputs(editor)
@@ -120,3 +120,73 @@ def test_denoise_rejects_a_step_map_of_the_wrong_length(editor):
     inputs = small_inputs(editor)
     with pytest.raises(ValueError, match="compute_step_map"):
         sampling.denoise(editor.c.transformer, inputs, sampling.get_schedule(8, 16), 2.5, [True] * 7)
+
+
+def run_adaptive(editor, adaptive, steps=12, inputs=None):
+    counter = CallCounter(editor.c.transformer)
+    inputs = inputs or small_inputs(editor)
+    timesteps = sampling.get_schedule(steps, inputs.noise.shape[1])
+    seen = []
+    with torch.inference_mode():
+        out = sampling.denoise(
+            editor.c.transformer,
+            inputs,
+            timesteps,
+            2.5,
+            adaptive.required_steps(steps),
+            adaptive=adaptive,
+            on_step=lambda step, computed: seen.append(computed),
+        )
+    return out, seen, counter.calls
+
+
+def test_adaptive_with_threshold_zero_computes_every_step_like_level_none(editor):
+    inputs = small_inputs(editor)
+    out, seen, calls = run_adaptive(editor, AdaptiveConfig(threshold=0.0), inputs=inputs)
+    with torch.inference_mode():
+        ref = sampling.denoise(editor.c.transformer, inputs, sampling.get_schedule(12, 16), 2.5, [True] * 12)
+    assert seen == [True] * 12 and calls == 12  # first-block probes are not full calls
+    torch.testing.assert_close(out, ref)
+
+
+def test_adaptive_skips_at_most_max_skips_in_a_row_and_protects_the_ends(editor):
+    _, seen, calls = run_adaptive(editor, AdaptiveConfig(threshold=1e9, protected=2, max_skips=2))
+    # protected: 0, 1 and 10, 11; step 2 has no reference yet, then skip, skip, compute, ...
+    assert seen == [True, True, True, False, False, True, False, False, True, False, True, True]
+    assert calls == sum(seen)
+
+
+def test_first_block_residual_is_what_block_0_adds_to_the_noise_tokens(editor):
+    inputs = small_inputs(editor)
+    img = inputs.noise
+    captured = {}
+
+    def hook(module, args, kwargs, output):
+        captured["residual"] = output[1] - kwargs["hidden_states"]
+
+    handle = editor.c.transformer.transformer_blocks[0].register_forward_hook(hook, with_kwargs=True)
+    with torch.inference_mode():
+        sampling.velocity(editor.c.transformer, inputs, img, 0.7, 2.5)
+    handle.remove()
+    with torch.inference_mode():
+        residual = sampling.first_block_residual(editor.c.transformer, inputs, img, 0.7, 2.5)
+    n = img.shape[1]
+    torch.testing.assert_close(residual, captured["residual"][:, :n])
+    assert not editor.c.transformer.transformer_blocks[0]._forward_hooks  # the stop hook is removed
+
+
+def test_on_extrapolated_sees_every_skipped_step_before_its_euler_step(editor):
+    inputs = small_inputs(editor)
+    step_map = generate_compute_step_map(AccelerationLevel.GO_REALLY_FAST, 10)
+    seen = []
+    with torch.inference_mode():
+        sampling.denoise(
+            editor.c.transformer,
+            inputs,
+            sampling.get_schedule(10, 16),
+            2.5,
+            step_map,
+            on_extrapolated=lambda step, t, img, v: seen.append((step, img.shape, v.shape)),
+        )
+    assert [s for s, _, _ in seen] == [i for i, c in enumerate(step_map) if not c]
+    assert all(a == b == inputs.noise.shape for _, a, b in seen)

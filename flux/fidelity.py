@@ -1,0 +1,335 @@
+"""What each acceleration costs in image quality: every level and TaylorSeer variant vs level none.
+
+    python -m flux.fidelity --weights tests/assets/proxy --quick
+    python -m flux.fidelity --weights weights/FLUX.1-Kontext-dev --size 1024 --json fidelity.json
+
+For each edit case (prompt, context image, seed) the reference is level `none`; each variant runs
+the same case from the same noise and is compared with it:
+
+- psnr / ssim: the decoded images (pixels in [0, 1]);
+- latent_rel_l2: ‖x - x_ref‖ / ‖x_ref‖ of the final latents (independent of the VAE);
+- extrapolation error: on each skipped step, ‖v_extrapolated - v‖ / ‖v‖, where v is what the
+  transformer would have returned at that step on the variant's own trajectory (an extra call,
+  for measuring only: it does not change the trajectory and is not counted);
+- calls: full transformer calls; probes: first-block runs of the adaptive level; speedup:
+  steps / (calls + probes · FIRST_BLOCK_COST), the saving in transformer work on the real model.
+
+The cases are the proxy's synthetic edit task (flux.proxy) at --size pixels, or one --image with
+--prompt. Metrics are averaged over cases (extrapolation error: mean over all skipped steps, and
+the max). See FIDELITY.md for the measured table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flux import sampling
+from flux.pipeline import KontextEditor
+from flux.taylor_seer_utils import (
+    LEVEL_DEFAULT_ORDER,
+    AccelerationLevel,
+    AdaptiveConfig,
+    Extrapolation,
+    Spacing,
+    TaylorSeerConfig,
+    generate_compute_step_map,
+)
+
+FIRST_BLOCK_COST = 1 / 57  # one of FLUX.1's 19 double + 38 single blocks (a double block costs more: a floor)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to accelerate: a level (its step map) and how skipped steps are extrapolated."""
+
+    name: str
+    level: AccelerationLevel
+    seer: TaylorSeerConfig = TaylorSeerConfig()
+    adaptive: AdaptiveConfig | None = None  # set: the first block decides every unprotected step (level unused)
+
+
+@dataclass(frozen=True)
+class EditCase:
+    prompt: str
+    image: torch.Tensor  # (1, 3, H, W) in [-1, 1], H and W multiples of 16
+    seed: int
+
+
+@dataclass
+class FidelityRow:
+    """One variant's fidelity vs level none, averaged over the cases."""
+
+    variant: str
+    level: str
+    order: int
+    spacing: str
+    method: str
+    adaptive_threshold: float | None
+    calls: float
+    probes: float
+    speedup: float
+    psnr: float  # dB, mean over cases (identical images count as MAX_PSNR)
+    psnr_min: float
+    ssim: float
+    latent_rel_l2: float
+    extrapolation_error_mean: float
+    extrapolation_error_max: float
+    per_case_psnr: list[float] = field(default_factory=list)
+
+
+def seer_variants(level: AccelerationLevel) -> list[Variant]:
+    """Every extrapolation variant worth measuring at a fixed level: order 1-3, steps vs times,
+    recursion vs Newton (at order 1 the two methods are the same line)."""
+    out = []
+    for method in Extrapolation:
+        for spacing in Spacing:
+            for order in (1, 2, 3):
+                if method is Extrapolation.NEWTON and order == 1:
+                    continue
+                seer = TaylorSeerConfig(order=order, spacing=spacing, method=method)
+                out.append(Variant(f"{level.value} · {method.value}/{spacing.value} o{order}", level, seer))
+    return out
+
+
+def adaptive_variants(seer: TaylorSeerConfig, thresholds: Sequence[float] = (0.02, 0.05, 0.1, 0.2)) -> list[Variant]:
+    """The adaptive level at a few thresholds, deciding every middle step (level none's map)."""
+    return [
+        Variant(
+            f"adaptive t={th:g} · {seer.method.value}/{seer.spacing.value} o{seer.order}",
+            AccelerationLevel.NONE,
+            seer,
+            AdaptiveConfig(threshold=th),
+        )
+        for th in thresholds
+    ]
+
+
+def quick_variants() -> list[Variant]:
+    """The quick setting (CI): the shipped configuration at each level, and the adaptive level at
+    the threshold where it makes as many calls as `go really fast`."""
+    levels = [AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST]
+    shipped = [Variant(f"{level.value} · default", level, default_seer(level)) for level in levels]
+    return shipped + adaptive_variants(TaylorSeerConfig(), [0.1])
+
+
+def default_seer(level: AccelerationLevel) -> TaylorSeerConfig:
+    """The extrapolation the pipeline uses at `level` when the request names no order."""
+    return TaylorSeerConfig(order=LEVEL_DEFAULT_ORDER[level])
+
+
+def all_variants() -> list[Variant]:
+    variants = []
+    for level in (AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST):
+        variants += seer_variants(level)
+    variants += adaptive_variants(TaylorSeerConfig())
+    return variants
+
+
+def synthetic_cases(n: int, size: int, seed: int = 1234) -> list[EditCase]:
+    """The proxy's edit task: n (prompt, context image, seed) cases drawn with a fixed seed."""
+    from flux.proxy import PROMPTS, make_examples
+
+    ex = make_examples(torch.Generator("cpu").manual_seed(seed), n, size)
+    return [EditCase(PROMPTS[int(ex.prompt_index[i])], ex.context[i : i + 1], seed + i) for i in range(n)]
+
+
+MAX_PSNR = 100.0  # dB, for identical images, so that means over cases stay finite
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two images with values in [0, 1], at most MAX_PSNR."""
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return MAX_PSNR if mse == 0 else min(MAX_PSNR, 10 * math.log10(1.0 / mse))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM (Wang et al. 2004: Gaussian window 11, σ 1.5, K1 0.01, K2 0.03) of (B, C, H, W)
+    images with values in [0, 1], per channel, over the valid region."""
+    a, b = a.double(), b.double()
+    c = a.shape[1]
+    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, kernel, groups=c)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.mean().item()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@dataclass
+class _Run:
+    latents: torch.Tensor
+    pixels: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    calls: int
+    probes: int
+    errors: list[float]
+
+
+@torch.inference_mode()
+def _run(editor: KontextEditor, inputs, timesteps, guidance: float, variant: Variant | None) -> _Run:
+    transformer = editor.c.transformer
+    steps = len(timesteps) - 1
+    calls = probes = 0
+    errors: list[float] = []
+    if variant is None:
+        step_map, seer, adaptive = [True] * steps, TaylorSeerConfig(), None
+    elif variant.adaptive is not None:
+        step_map, seer, adaptive = variant.adaptive.required_steps(steps), variant.seer, variant.adaptive
+    else:
+        step_map, seer, adaptive = generate_compute_step_map(variant.level, steps), variant.seer, None
+
+    def on_step(step: int, computed: bool) -> None:
+        nonlocal calls, probes
+        calls += computed
+        probes += adaptive is not None and not step_map[step]
+
+    def on_extrapolated(step: int, t: float, img: torch.Tensor, v: torch.Tensor) -> None:
+        errors.append(_rel(v, sampling.velocity(transformer, inputs, img, t, guidance)))
+
+    tokens = sampling.denoise(
+        transformer,
+        inputs,
+        timesteps,
+        guidance,
+        step_map,
+        seer=seer,
+        adaptive=adaptive,
+        on_step=on_step,
+        on_extrapolated=on_extrapolated,
+    )
+    latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
+    pixels = ((editor.decode(latents).float() + 1) / 2).clamp(0, 1)
+    return _Run(latents, pixels, calls, probes, errors)
+
+
+def run_fidelity(
+    editor: KontextEditor,
+    variants: Sequence[Variant],
+    cases: Sequence[EditCase],
+    num_inference_steps: int = 28,
+    guidance: float = 2.5,
+) -> list[FidelityRow]:
+    """Each variant vs level none on every case (same seed, same noise): one row per variant."""
+    per_variant: dict[str, list[tuple[_Run, _Run]]] = {v.name: [] for v in variants}
+    for case in cases:
+        txt, vec = editor.encode_prompt(case.prompt)
+        context = editor.encode_image(case.image)
+        _, _, h, w = case.image.shape
+        inputs = sampling.prepare(context, txt, vec, h // 8, w // 8, case.seed)
+        timesteps = sampling.get_schedule(num_inference_steps, inputs.noise.shape[1], editor.c.schedule)
+        reference = _run(editor, inputs, timesteps, guidance, None)
+        for variant in variants:
+            per_variant[variant.name].append((_run(editor, inputs, timesteps, guidance, variant), reference))
+
+    rows = []
+    for variant in variants:
+        runs = per_variant[variant.name]
+        psnrs = [psnr(run.pixels, ref.pixels) for run, ref in runs]
+        errors = [e for run, _ in runs for e in run.errors]
+        calls = sum(run.calls for run, _ in runs) / len(runs)
+        probes = sum(run.probes for run, _ in runs) / len(runs)
+        rows.append(
+            FidelityRow(
+                variant=variant.name,
+                level=variant.level.value if variant.adaptive is None else "adaptive",
+                order=variant.seer.order,
+                spacing=variant.seer.spacing.value,
+                method=variant.seer.method.value,
+                adaptive_threshold=variant.adaptive.threshold if variant.adaptive else None,
+                calls=calls,
+                probes=probes,
+                speedup=num_inference_steps / (calls + probes * FIRST_BLOCK_COST),
+                psnr=sum(psnrs) / len(psnrs),
+                psnr_min=min(psnrs),
+                ssim=sum(ssim(run.pixels, ref.pixels) for run, ref in runs) / len(runs),
+                latent_rel_l2=sum(_rel(run.latents, ref.latents) for run, ref in runs) / len(runs),
+                extrapolation_error_mean=sum(errors) / len(errors) if errors else 0.0,
+                extrapolation_error_max=max(errors, default=0.0),
+                per_case_psnr=psnrs,
+            )
+        )
+    return rows
+
+
+def format_table(rows: Sequence[FidelityRow]) -> str:
+    """A Markdown table of the rows."""
+    lines = [
+        "| variant | calls | speed-up | PSNR dB (min) | SSIM | latent rel L2 | extrap. err mean / max |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        calls = f"{r.calls:.1f}" + (f" + {r.probes:.1f} probes" if r.probes else "")
+        lines.append(
+            f"| {r.variant} | {calls} | {r.speedup:.2f}× | {r.psnr:.1f} ({r.psnr_min:.1f}) | {r.ssim:.4f} "
+            f"| {r.latent_rel_l2:.4f} | {r.extrapolation_error_mean:.4f} / {r.extrapolation_error_max:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, help="a diffusers-layout model directory (the proxy or real)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the shipped defaults only (quick_variants), on 2 cases (CI)"
+    )
+    parser.add_argument("--cases", type=int, default=None, help="synthetic cases (default 8, quick 2)")
+    parser.add_argument("--size", type=int, default=64, help="image size of the synthetic cases, pixels")
+    parser.add_argument("--image", help="one input image instead of the synthetic cases (with --prompt)")
+    parser.add_argument("--prompt", help="the instruction for --image")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--seed", type=int, default=0, help="seed for --image")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (1 is fastest on a shared CPU)"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    editor = KontextEditor.from_pretrained(args.weights, device=args.device)
+    if args.image:
+        if not args.prompt:
+            parser.error("--image needs --prompt")
+        from flux import images
+
+        img = images.load_image(args.image)
+        w, h = images.kontext_size(*img.size)
+        cases = [EditCase(args.prompt, images.image_to_tensor(img, w, h), args.seed)]
+    else:
+        cases = synthetic_cases(args.cases or (2 if args.quick else 8), args.size)
+    variants = quick_variants() if args.quick else all_variants()
+    t0 = time.perf_counter()
+    rows = run_fidelity(editor, variants, cases, args.steps)
+    seconds = time.perf_counter() - t0
+    print(format_table(rows))
+    print(f"\n{len(cases)} cases, {args.steps} steps, {seconds:.0f} s", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
