@@ -71,6 +71,11 @@ class AccelerationConfig:
     compile: bool = False
     """torch.compile the transformer."""
 
+    compile_regional: bool = False
+    """Compile only the repeated blocks (19 double-stream and 38 single-stream, one compiled graph per block
+    class: diffusers' compile_repeated_blocks) instead of the whole transformer. Compiles several times
+    faster, which is what a restart waits for; the embedders and the output layer stay eager."""
+
     compile_mode: str | None = None
     """torch.compile mode (one of COMPILE_MODES); None is torch's default."""
 
@@ -94,19 +99,22 @@ class AccelerationConfig:
     def default_for(cls, device: str | torch.device) -> AccelerationConfig:
         """What is on by default on `device`.
 
-        CUDA: torch.compile (dynamic shapes). fp8 stays off until fidelity data say what it costs;
-        QKV fusion and a non-default attention backend stay off until the GPU benchmark shows they
-        pay. CPU: nothing (compiling takes minutes here and gains little).
+        CUDA: torch.compile of the repeated blocks, with dynamic shapes (regional compilation: a
+        restart must be ready soon after the weights load, and compiling the whole model takes minutes;
+        whole-model compile is one switch away, "compile"). fp8 stays off until fidelity data say what it
+        costs; QKV fusion and a non-default attention backend stay off until the GPU benchmark shows they
+        pay. None of this is measured on a GPU yet (BENCHMARKS.md). CPU: nothing (compiling takes
+        minutes here and gains little).
         """
         if torch.device(device).type == "cuda":
-            return cls(compile=True)
+            return cls(compile=True, compile_regional=True)
         return cls.off()
 
     @classmethod
     def parse(cls, spec: str, device: str | torch.device = "cpu") -> AccelerationConfig:
         """A config from a short spec: "off", "default" (default_for(device)), or names joined by "+":
-        fuse, fp8, fp8-all, compile, attention=NAME, mode=NAME, backend=NAME — e.g.
-        "fuse+fp8+compile+attention=_native_cudnn"."""
+        fuse, fp8, fp8-all, compile, regional (compile the blocks only), attention=NAME, mode=NAME,
+        backend=NAME — e.g. "fuse+fp8+compile+attention=_native_cudnn"."""
         spec = spec.strip().lower()
         if spec in ("", "off", "none"):
             return cls.off()
@@ -123,6 +131,8 @@ class AccelerationConfig:
                 fields.update(fp8=True, fp8_scope=Fp8Scope.ALL)
             elif name == "compile" and not value:
                 fields["compile"] = True
+            elif name == "regional" and not value:
+                fields.update(compile=True, compile_regional=True)
             elif name == "attention" and value:
                 fields["attention_backend"] = value
             elif name == "mode" and value:
@@ -132,7 +142,7 @@ class AccelerationConfig:
             else:
                 raise ValueError(
                     f"unknown acceleration {token!r} in {spec!r}; use off, default, or fuse, fp8, fp8-all, compile, "
-                    "attention=NAME, mode=NAME, backend=NAME joined by '+'"
+                    "regional, attention=NAME, mode=NAME, backend=NAME joined by '+'"
                 )
         return cls(**fields)
 
@@ -157,7 +167,7 @@ class AccelerationConfig:
         if self.fp8:
             parts.append("fp8" if self.fp8_scope == Fp8Scope.SINGLE else "fp8-all")
         if self.compile:
-            parts.append("compile")
+            parts.append("regional" if self.compile_regional else "compile")
             if self.compile_mode:
                 parts.append(f"mode={self.compile_mode}")
             if self.compile_backend != "inductor":
@@ -197,9 +207,11 @@ def apply(transformer: torch.nn.Module, config: AccelerationConfig) -> torch.nn.
     if config.fp8:
         quantize_fp8(transformer, config.fp8_scope)
     if config.compile:
-        transformer.compile(
-            mode=config.compile_mode, dynamic=config.compile_dynamic, backend=config.compile_backend, fullgraph=False
-        )
+        options = dict(mode=config.compile_mode, dynamic=config.compile_dynamic, backend=config.compile_backend)
+        if config.compile_regional:
+            transformer.compile_repeated_blocks(**options)
+        else:
+            transformer.compile(**options)
     logger.info("transformer accelerations: %s", config.describe())
     return transformer
 

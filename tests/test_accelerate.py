@@ -41,7 +41,7 @@ def test_everything_is_off_by_default_and_on_cpu():
     assert off == AccelerationConfig() == AccelerationConfig.default_for("cpu")
     assert not (off.fuse_qkv or off.fp8 or off.compile or off.attention_backend)
     assert off.describe() == "off"
-    assert AccelerationConfig.default_for("cuda").compile
+    assert AccelerationConfig.default_for("cuda").compile and AccelerationConfig.default_for("cuda").compile_regional
     assert not AccelerationConfig.default_for("cuda").fp8
 
 
@@ -52,6 +52,7 @@ def test_everything_is_off_by_default_and_on_cpu():
         ("compile", AccelerationConfig(compile=True)),
         ("fuse+fp8+compile", AccelerationConfig(fuse_qkv=True, fp8=True, compile=True)),
         ("fp8-all", AccelerationConfig(fp8=True, fp8_scope=Fp8Scope.ALL)),
+        ("fp8+regional", AccelerationConfig(fp8=True, compile=True, compile_regional=True)),
         (
             "attention=_native_cudnn+mode=max-autotune",
             AccelerationConfig(attention_backend="_native_cudnn", compile=True, compile_mode="max-autotune"),
@@ -117,11 +118,12 @@ def test_served_shapes_cover_every_aspect_ratio_and_preferred_resolution():
     assert {Shape(w, h, w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS} <= set(shapes)
 
 
-def test_compiled_transformer_serves_new_shapes_without_recompiling(editor, fresh_editor, tmp_path, caplog):
+@pytest.mark.parametrize("regional", [False, True], ids=["whole model", "regional"])
+def test_compiled_transformer_serves_new_shapes_without_recompiling(editor, fresh_editor, tmp_path, caplog, regional):
     # backend "eager": dynamo's guards, and so its recompiles, are the same as with inductor, without
     # minutes of C++ builds. The cache directory holds a corrupt artifact under the expected name:
     # setup must log it and compile as usual.
-    config = AccelerationConfig(compile=True, compile_backend="eager", cache_dir=tmp_path)
+    config = AccelerationConfig(compile=True, compile_regional=regional, compile_backend="eager", cache_dir=tmp_path)
     compiled = fresh_editor(None)
     accelerate.artifact_path(tmp_path, compiled.c.transformer, config).write_bytes(b"\x00 not an artifact \xff" * 9)
     warm_shapes = [Shape(64, 48, 64, 48), Shape(96, 64, 64, 64)]
