@@ -53,7 +53,7 @@ class AccelerationConfig:
 
     fuse_qkv: bool = False
     """Fuse the Q, K and V projections of each attention into one matmul (diffusers'
-    fuse_qkv_projections). Keeps the unfused weights too, so it costs their memory again."""
+    fuse_qkv_projections). The separate Q, K, V weights are then dropped (4.3 GB in bf16 for FLUX.1)."""
 
     attention_backend: str | None = None
     """A diffusers attention backend name (diffusers.models.attention_dispatch.AttentionBackendName),
@@ -202,6 +202,7 @@ def apply(transformer: torch.nn.Module, config: AccelerationConfig) -> torch.nn.
     config.validate(transformer.device)
     if config.fuse_qkv:
         transformer.fuse_qkv_projections()
+        _drop_unfused_projections(transformer)
     if config.attention_backend is not None:
         transformer.set_attention_backend(config.attention_backend)
     if config.fp8:
@@ -214,6 +215,19 @@ def apply(transformer: torch.nn.Module, config: AccelerationConfig) -> torch.nn.
             transformer.compile(**options)
     logger.info("transformer accelerations: %s", config.describe())
     return transformer
+
+
+_UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def _drop_unfused_projections(transformer: torch.nn.Module) -> None:
+    """After fusion, attention reads only to_qkv / to_added_qkv; diffusers keeps the separate projections
+    (to unfuse later), which would hold a second copy of those weights for nothing."""
+    for module in transformer.modules():
+        if getattr(module, "fused_projections", False):
+            for name in _UNFUSED:
+                if isinstance(getattr(module, name, None), torch.nn.Module):
+                    delattr(module, name)
 
 
 def fp8_filter(scope: Fp8Scope):

@@ -105,7 +105,10 @@ def test_off_leaves_the_transformer_as_loaded(editor, fresh_editor):
 def test_fusion_and_attention_backend_keep_the_result(editor, fresh_editor, config):
     accelerated = fresh_editor(config)
     if config.fuse_qkv:
-        assert any(hasattr(m, "to_qkv") for m in accelerated.c.transformer.modules())
+        names = [name for name, _ in accelerated.c.transformer.named_modules()]
+        assert any(name.endswith("attn.to_qkv") for name in names)
+        assert any(name.endswith("attn.to_added_qkv") for name in names)
+        assert not any(name.endswith(("attn.to_q", "attn.add_k_proj")) for name in names)  # not kept twice
     torch.testing.assert_close(small_edit(accelerated).latents, small_edit(editor).latents, rtol=1e-4, atol=1e-4)
 
 
