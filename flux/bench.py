@@ -406,7 +406,10 @@ def run(args: argparse.Namespace) -> dict:
     factory = TransformerFactory(components.transformer)
     components.transformer = None  # each run below gets a fresh copy from the factory
     _free(device)
-    settings = [AccelerationConfig.parse(spec, device) for spec in args.accelerations.split(",")]
+    settings = [
+        dataclasses.replace(AccelerationConfig.parse(spec, device), cache_dir=args.compile_cache)
+        for spec in args.accelerations.split(",")
+    ]
     for config in settings:
         config.validate(device)
     levels = [AccelerationLevel(level) for level in args.levels.split(",")]
@@ -491,8 +494,8 @@ def format_table(report: dict) -> str:
         f"matmul rate {rate / 1e12:.3g} TFLOP/s ({report['meta']['matmul']['dtype']}), {report['meta']['device']}",
         "",
         "| size | steps | accelerations | level | calls | text s | image s | denoise s | decode s | total s "
-        "| × floor | speedup vs diffusers | skipped/computed step | peak GiB | recompiles |",
-        "|" + " --- |" * 15,
+        "| × floor | speedup vs diffusers | skipped/computed step | peak GiB | recompiles | prepare s |",
+        "|" + " --- |" * 16,
     ]
     gib = 2**30
     for e in report["results"]:
@@ -500,7 +503,7 @@ def format_table(report: dict) -> str:
         lines.append(
             f"| {size} | {e['steps']} | diffusers eager | none | {b['transformer_calls']} | | | | "
             f"| {b['seconds']['total']:.3f} | {b['ratio_to_floor']:.1f} | 1.00 | "
-            f"| {b['peak_memory_bytes'] / gib:.2f} | |"
+            f"| {b['peak_memory_bytes'] / gib:.2f} | | |"
         )
         for r in e["runs"]:
             s = r["seconds"]
@@ -509,7 +512,7 @@ def format_table(report: dict) -> str:
                 f"| {size} | {e['steps']} | {r['accelerations']} | {r['level']} | {r['transformer_calls']} "
                 f"| {s['text']:.3f} | {s['image']:.3f} | {s['denoise']:.3f} | {s['decode']:.3f} | {s['total']:.3f} "
                 f"| {r['ratio_to_floor']:.1f} | {r['speedup_vs_baseline']:.2f} | {skip} "
-                f"| {r['peak_memory_bytes'] / gib:.2f} | {r['recompiles']} |"
+                f"| {r['peak_memory_bytes'] / gib:.2f} | {r['recompiles']} | {sum(r['prepare_s'].values()):.1f} |"
             )
     return "\n".join(lines)
 
@@ -529,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--size", type=parse_size, action="append", help="WIDTHxHEIGHT (repeatable); default 1024x1024")
     group.add_argument("--megapixels", help="comma-separated square sizes in megapixels, e.g. 0.25,1,2")
     parser.add_argument("--repeats", type=int, default=3, help="timed edits per setting; the median is reported")
+    parser.add_argument(
+        "--compile-cache",
+        type=Path,
+        help="persist compile artifacts here, as the server does; run twice to time a warm restart (prepare_s)",
+    )
     parser.add_argument("--json", type=Path, help="write the full report here")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
