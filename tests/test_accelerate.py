@@ -85,6 +85,26 @@ def test_fp8_is_refused_without_an_fp8_gpu(fresh_editor):
         fresh_editor(AccelerationConfig(fp8=True))
 
 
+def test_fp8_without_torchao_says_what_to_install(editor):
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torchao is installed")
+    with pytest.raises(ImportError, match="pip install -r requirements-gpu.txt"):
+        accelerate.quantize_fp8(editor.c.transformer)
+
+
+def test_attention_backend_without_its_package_says_what_to_install(fresh_editor):
+    from diffusers.models.attention_dispatch import _CAN_USE_SAGE_ATTN
+
+    if _CAN_USE_SAGE_ATTN:
+        pytest.skip("sageattention is installed")
+    with pytest.raises(RuntimeError, match="install `sageattention"):
+        fresh_editor(AccelerationConfig(attention_backend="sage"))
+
+
 def test_unknown_attention_backend_is_refused():
     with pytest.raises(ValueError, match="unknown attention backend 'warp'"):
         AccelerationConfig(attention_backend="warp").validate("cpu")
