@@ -247,3 +247,18 @@ def test_fp8_single_blocks_on_gpu(tiny_dir, monkeypatch):
     assert accelerate.quantize_fp8(fp8.c.transformer, Fp8Scope.SINGLE) > 0
     a, b = small_edit(fp8).latents, small_edit(plain).latents
     assert ((a - b).norm() / b.norm()).item() < 0.1
+
+
+def test_fp8_filter_on_the_full_size_transformer():
+    from flux.bench import full_size_models
+
+    transformer = full_size_models("meta")["transformer"]
+    modules = list(transformer.named_modules())
+    single = [name for name, m in modules if accelerate.fp8_filter(Fp8Scope.SINGLE)(m, name)]
+    every = [name for name, m in modules if accelerate.fp8_filter(Fp8Scope.ALL)(m, name)]
+    # Per single-stream block: Q, K, V, MLP in, output; per double-stream block: Q, K, V and output for
+    # each stream and both MLPs' two layers. Never the norms' modulation or the embedders.
+    assert len(single) == 38 * 5
+    assert len(every) == 38 * 5 + 19 * 12
+    assert not any(".norm" in name for name in every)
+    assert all(name.startswith(("transformer_blocks.", "single_transformer_blocks.")) for name in every)
