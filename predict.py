@@ -8,6 +8,7 @@ import tempfile
 from cog import BaseRunner, Input, Path
 
 from flux import downloads, images
+from flux.accelerate import AccelerationConfig
 from flux.errors import InvalidInputError
 from flux.pipeline import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
@@ -23,7 +24,9 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         # Input URLs get a total deadline and a size cap; failed fetches leave no file behind.
         downloads.limit_cog_downloads("input_image")
-        self.editor = KontextEditor.from_pretrained(resolve_weights_dir())
+        # Accelerations from $FLUX_ACCELERATIONS (default: flux.accelerate's defaults for the device); with
+        # compile on, this also warms up every served shape and persists the compiled artifacts.
+        self.editor = KontextEditor.from_pretrained(resolve_weights_dir(), accelerations=AccelerationConfig.from_env())
         self._last_output_dir: str | None = None
 
     def run(

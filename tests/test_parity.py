@@ -13,7 +13,8 @@ import torch
 from diffusers import FluxKontextPipeline
 
 from flux import images, sampling
-from flux.pipeline import EditRequest
+from flux.accelerate import AccelerationConfig
+from flux.pipeline import EditRequest, KontextEditor
 from tests.conftest import make_image
 
 STEPS, SEED, PROMPT = 4, 3, "make the car red"
@@ -76,6 +77,13 @@ def test_matches_diffusers(editor, reference, case):
     assert rel(result.latents, ref_latents) < TOLERANCE
     diff = np.abs(np.asarray(result.image, np.int16) - np.asarray(ref_image, np.int16))
     assert diff.max() <= 1
+
+
+def test_matches_diffusers_with_every_acceleration_off(tiny_dir, reference):
+    """The server's loading path with accelerations switched off is the path the parity holds for."""
+    editor = KontextEditor.from_pretrained(tiny_dir, device="cpu", accelerations=AccelerationConfig.off())
+    case = "match_input_image, landscape input"
+    assert rel(edit(editor, case).latents, reference[case][0]) < TOLERANCE
 
 
 def _no_shift(monkeypatch):
