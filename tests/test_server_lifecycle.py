@@ -4,6 +4,7 @@ determinism across requests and restarts, broken weights, and memory over 200 pr
 import queue
 import re
 import shutil
+import statistics
 import time
 
 import pytest
@@ -173,20 +174,21 @@ def lean_server(tmp_path_factory):
 
 @pytest.mark.soak
 def test_memory_stays_flat_over_200_predictions(lean_server):
+    """Resident memory wanders by tens of MiB from one prediction to the next (the allocator keeps
+    and returns pools), so a leak is judged from the median of the first and of the last 20."""
     server = lean_server
     inputs = {**REFERENCE, "num_inference_steps": 4, "output_format": "jpg"}
-    for _ in range(5):  # warm-up: allocator pools and caches settle
+    for _ in range(10):  # warm-up: allocator pools and caches settle
         assert server.predict(inputs).json()["status"] == "succeeded"
-    start = server.rss_mib()
-    peak = start
+    rss = []
     t0 = time.monotonic()
     for i in range(200):
         body = server.predict({**inputs, "seed": i}).json()
         assert body["status"] == "succeeded", body.get("error")
-        peak = max(peak, server.rss_mib())
-    end = server.rss_mib()
+        rss.append(server.rss_mib())
+    start, end, peak = statistics.median(rss[:20]), statistics.median(rss[-20:]), max(rss)
     seconds = (time.monotonic() - t0) / 200
-    print(f"worker RSS over 200 predictions: start {start:.0f} MiB, end {end:.0f} MiB, max {peak:.0f} MiB; ")
+    print(f"worker RSS over 200 predictions: start {start:.0f} MiB, end {end:.0f} MiB, max {peak:.0f} MiB")
     print(f"{seconds:.2f} s per prediction")
     assert end - start < 64, (start, end, peak)
     assert peak - start < 256, (start, end, peak)
