@@ -66,7 +66,11 @@ class AccelerationConfig:
 
     fp8_scope: Fp8Scope = Fp8Scope.SINGLE
     """Which blocks get fp8 linear layers; norms' modulation layers and layers narrower than
-    FP8_MIN_FEATURES never do."""
+    fp8_min_features never do."""
+
+    fp8_min_features: int = FP8_MIN_FEATURES
+    """Linear layers with fewer input or output features stay in bf16. Only a small test model (the
+    fidelity proxy, 64-256 features wide) needs a lower value; it is not part of the parse() spec."""
 
     compile: bool = False
     """torch.compile the transformer."""
@@ -101,10 +105,11 @@ class AccelerationConfig:
 
         CUDA: torch.compile of the repeated blocks, with dynamic shapes (regional compilation: a
         restart must be ready soon after the weights load, and compiling the whole model takes minutes;
-        whole-model compile is one switch away, "compile"). fp8 stays off until fidelity data say what it
-        costs; QKV fusion and a non-default attention backend stay off until the GPU benchmark shows they
-        pay. None of this is measured on a GPU yet (BENCHMARKS.md). CPU: nothing (compiling takes
-        minutes here and gains little).
+        whole-model compile is one switch away, "compile"). fp8 stays off: on the proxy it costs more
+        fidelity than TaylorSeer's skipped steps do (FIDELITY.md) and its speed-up is unmeasured. QKV
+        fusion and a non-default attention backend stay off until the GPU benchmark shows they pay.
+        None of this is measured on a GPU yet (BENCHMARKS.md). CPU: nothing (compiling takes minutes
+        here and gains little).
         """
         if torch.device(device).type == "cuda":
             return cls(compile=True, compile_regional=True)
@@ -206,7 +211,7 @@ def apply(transformer: torch.nn.Module, config: AccelerationConfig) -> torch.nn.
     if config.attention_backend is not None:
         transformer.set_attention_backend(config.attention_backend)
     if config.fp8:
-        quantize_fp8(transformer, config.fp8_scope)
+        quantize_fp8(transformer, config.fp8_scope, config.fp8_min_features)
     if config.compile:
         options = dict(mode=config.compile_mode, dynamic=config.compile_dynamic, backend=config.compile_backend)
         if config.compile_regional:
@@ -230,7 +235,7 @@ def _drop_unfused_projections(transformer: torch.nn.Module) -> None:
                     delattr(module, name)
 
 
-def fp8_filter(scope: Fp8Scope):
+def fp8_filter(scope: Fp8Scope, min_features: int = FP8_MIN_FEATURES):
     """The torchao filter for `scope`: which Linear layers (by module and qualified name) go fp8."""
     prefixes = ("single_transformer_blocks.",)
     if scope == Fp8Scope.ALL:
@@ -242,18 +247,21 @@ def fp8_filter(scope: Fp8Scope):
         if ".norm" in name:  # the adaptive norms' modulation: one row per image, nothing to gain
             return False
         # fp8 matmuls need dimensions that are multiples of 16.
-        return all(n >= FP8_MIN_FEATURES and n % 16 == 0 for n in (module.in_features, module.out_features))
+        return all(n >= min_features and n % 16 == 0 for n in (module.in_features, module.out_features))
 
     return keep
 
 
-def quantize_fp8(transformer: torch.nn.Module, scope: Fp8Scope = Fp8Scope.SINGLE) -> int:
-    """Float8 dynamic-activation / float8-weight (per-row) linear layers via torchao; returns how many."""
+def quantize_fp8(
+    transformer: torch.nn.Module, scope: Fp8Scope = Fp8Scope.SINGLE, min_features: int = FP8_MIN_FEATURES
+) -> int:
+    """Float8 dynamic-activation / float8-weight (per-row) linear layers via torchao; returns how many.
+    torchao's per-row fp8 takes bf16 weights only."""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as e:
         raise ImportError("fp8 needs torchao: pip install -r requirements-gpu.txt (torchao==0.18.0)") from e
-    keep = fp8_filter(scope)
+    keep = fp8_filter(scope, min_features)
     count = sum(keep(m, n) for n, m in transformer.named_modules())
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=keep)
     logger.info("fp8 linear layers: %d (%s blocks)", count, scope.value)

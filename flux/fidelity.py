@@ -22,6 +22,8 @@ the max). See FIDELITY.md for the measured table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 
 from flux import sampling
+from flux.accelerate import FP8_MIN_FEATURES, AccelerationConfig, apply, quantize_fp8
 from flux.pipeline import KontextEditor
 from flux.taylor_seer_utils import (
     LEVEL_DEFAULT_ORDER,
@@ -56,6 +59,8 @@ class Variant:
     level: AccelerationLevel
     seer: TaylorSeerConfig = TaylorSeerConfig()
     adaptive: AdaptiveConfig | None = None  # set: the first block decides every unprotected step (level unused)
+    accelerations: str = "off"  # an AccelerationConfig.parse() spec applied to a copy of the transformer
+    dtype: torch.dtype | None = None  # the copy's dtype; None: the editor's (fp8 implies bfloat16)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class FidelityRow:
 
     variant: str
     level: str
+    accelerations: str
+    dtype: str
     order: int
     spacing: str
     method: str
@@ -120,6 +127,58 @@ def quick_variants() -> list[Variant]:
     levels = [AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST]
     shipped = [Variant(f"{level.value} · default", level, default_seer(level)) for level in levels]
     return shipped + adaptive_variants(TaylorSeerConfig(), [0.1])
+
+
+def acceleration_variants(spec: str) -> list[Variant]:
+    """Level none and the shipped configuration of each level, with the transformer accelerated by
+    `spec` (e.g. "fp8"): what the acceleration costs on its own, and on top of TaylorSeer."""
+    levels = [AccelerationLevel.NONE, AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST]
+    return [
+        Variant(f"{level.value} · default · {spec}", level, default_seer(level), accelerations=spec) for level in levels
+    ]
+
+
+def bf16_variant() -> Variant:
+    """Level none with the transformer in bfloat16: separates bf16's share of an fp8 row's error when the
+    reference runs in float32 (on the CPU)."""
+    return Variant("none · bf16", AccelerationLevel.NONE, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _torchao_fp8_on_cpu():
+    """Let torchao quantise to fp8 on the CPU, for fidelity measurements only. torchao refuses unless it
+    sees an fp8 GPU, but its CPU path quantises weights and activations the same way (per-row e4m3
+    scales); the matmul then runs slowly, so only the numbers mean anything, never the time."""
+    from torchao.quantization import quant_api
+
+    check = quant_api._check_hardware_support
+    quant_api._check_hardware_support = lambda granularity: None
+    try:
+        yield
+    finally:
+        quant_api._check_hardware_support = check
+
+
+def accelerated_copy(
+    transformer: torch.nn.Module, variant: Variant, fp8_min_features: int = FP8_MIN_FEATURES
+) -> torch.nn.Module:
+    """A copy of `transformer` in the variant's dtype with its accelerations applied (the original
+    is left as it is). fp8 on the CPU goes through _torchao_fp8_on_cpu(), without compile."""
+    device = transformer.device
+    config = dataclasses.replace(
+        AccelerationConfig.parse(variant.accelerations, device), fp8_min_features=fp8_min_features
+    )
+    dtype = variant.dtype or (torch.bfloat16 if config.fp8 else transformer.dtype)
+    model = copy.deepcopy(transformer).to(dtype)
+    if config.fp8 and device.type == "cpu":
+        if config.compile:
+            raise ValueError(f"{variant.accelerations!r}: fp8 fidelity on the CPU runs without compile")
+        apply(model, dataclasses.replace(config, fp8=False))
+        with _torchao_fp8_on_cpu():
+            quantize_fp8(model, config.fp8_scope, fp8_min_features)
+    else:
+        apply(model, config)
+    return model
 
 
 def default_seer(level: AccelerationLevel) -> TaylorSeerConfig:
@@ -188,8 +247,14 @@ class _Run:
 
 
 @torch.inference_mode()
-def _run(editor: KontextEditor, inputs, timesteps, guidance: float, variant: Variant | None) -> _Run:
-    transformer = editor.c.transformer
+def _run(
+    editor: KontextEditor, transformer: torch.nn.Module, inputs, timesteps, guidance: float, variant: Variant | None
+) -> _Run:
+    if transformer.dtype != inputs.txt.dtype:
+        dtype = transformer.dtype
+        inputs = dataclasses.replace(
+            inputs, context=inputs.context.to(dtype), txt=inputs.txt.to(dtype), vec=inputs.vec.to(dtype)
+        )
     steps = len(timesteps) - 1
     calls = probes = 0
     errors: list[float] = []
@@ -230,18 +295,34 @@ def run_fidelity(
     cases: Sequence[EditCase],
     num_inference_steps: int = 28,
     guidance: float = 2.5,
+    fp8_min_features: int = FP8_MIN_FEATURES,
 ) -> list[FidelityRow]:
-    """Each variant vs level none on every case (same seed, same noise): one row per variant."""
-    per_variant: dict[str, list[tuple[_Run, _Run]]] = {v.name: [] for v in variants}
+    """Each variant vs level none on every case (same seed, same noise): one row per variant.
+    Variants with accelerations or another dtype run on a copy of the transformer, one at a time."""
+    prepared = []
     for case in cases:
         txt, vec = editor.encode_prompt(case.prompt)
         context = editor.encode_image(case.image)
         _, _, h, w = case.image.shape
         inputs = sampling.prepare(context, txt, vec, h // 8, w // 8, case.seed)
         timesteps = sampling.get_schedule(num_inference_steps, inputs.noise.shape[1], editor.c.schedule)
-        reference = _run(editor, inputs, timesteps, guidance, None)
-        for variant in variants:
-            per_variant[variant.name].append((_run(editor, inputs, timesteps, guidance, variant), reference))
+        reference = _run(editor, editor.c.transformer, inputs, timesteps, guidance, None)
+        prepared.append((inputs, timesteps, reference))
+
+    per_variant: dict[str, list[tuple[_Run, _Run]]] = {v.name: [] for v in variants}
+    groups: dict[tuple[str, torch.dtype | None], list[Variant]] = {}
+    for variant in variants:
+        groups.setdefault((variant.accelerations, variant.dtype), []).append(variant)
+    for (spec, dtype), group in groups.items():
+        plain = AccelerationConfig.parse(spec) == AccelerationConfig.off() and dtype in (None, editor.c.dtype)
+        transformer = (
+            editor.c.transformer if plain else accelerated_copy(editor.c.transformer, group[0], fp8_min_features)
+        )
+        for inputs, timesteps, reference in prepared:
+            for variant in group:
+                run = _run(editor, transformer, inputs, timesteps, guidance, variant)
+                per_variant[variant.name].append((run, reference))
+        del transformer
 
     rows = []
     for variant in variants:
@@ -254,6 +335,8 @@ def run_fidelity(
             FidelityRow(
                 variant=variant.name,
                 level=variant.level.value if variant.adaptive is None else "adaptive",
+                accelerations=variant.accelerations,
+                dtype=str(variant.dtype or editor.c.dtype).removeprefix("torch."),
                 order=variant.seer.order,
                 spacing=variant.seer.spacing.value,
                 method=variant.seer.method.value,
@@ -301,6 +384,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--seed", type=int, default=0, help="seed for --image")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=None, help="the model's dtype (default: bf16 on a GPU)"
+    )
+    parser.add_argument(
+        "--accelerations",
+        default="",
+        help="comma-separated AccelerationConfig specs (e.g. fp8,fp8-all): each adds level none and each level's "
+        "default on an accelerated copy of the transformer; on the CPU, fp8 runs torchao's quantisation for its "
+        "numbers only (needs torchao: requirements-gpu.txt)",
+    )
+    parser.add_argument(
+        "--fp8-min-features",
+        type=int,
+        default=FP8_MIN_FEATURES,
+        help="fp8 only for linear layers at least this wide (the server's value; the proxy's layers need 16)",
+    )
+    parser.add_argument("--only-accelerations", action="store_true", help="skip the TaylorSeer variants")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (1 is fastest on a shared CPU)"
@@ -309,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    editor = KontextEditor.from_pretrained(args.weights, device=args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    editor = KontextEditor.from_pretrained(args.weights, device=args.device, dtype=dtype)
     if args.image:
         if not args.prompt:
             parser.error("--image needs --prompt")
@@ -320,9 +421,16 @@ def main(argv: list[str] | None = None) -> int:
         cases = [EditCase(args.prompt, images.image_to_tensor(img, w, h), args.seed)]
     else:
         cases = synthetic_cases(args.cases or (2 if args.quick else 8), args.size)
-    variants = quick_variants() if args.quick else all_variants()
+    variants = [] if args.only_accelerations else quick_variants() if args.quick else all_variants()
+    specs = [s.strip() for s in args.accelerations.split(",") if s.strip()]
+    if any(AccelerationConfig.parse(s).fp8 for s in specs) and editor.c.dtype == torch.float32:
+        variants.append(bf16_variant())
+    for spec in specs:
+        variants += acceleration_variants(spec)
+    if not variants:
+        parser.error("nothing to measure: --only-accelerations needs --accelerations")
     t0 = time.perf_counter()
-    rows = run_fidelity(editor, variants, cases, args.steps)
+    rows = run_fidelity(editor, variants, cases, args.steps, fp8_min_features=args.fp8_min_features)
     seconds = time.perf_counter() - t0
     print(format_table(rows))
     print(f"\n{len(cases)} cases, {args.steps} steps, {seconds:.0f} s", file=sys.stderr)

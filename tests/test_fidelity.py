@@ -140,3 +140,31 @@ def test_metrics():
     assert fidelity.ssim(a, b) < 0.1  # independent noise images
     # SSIM ignores a small uniform brightness shift far more than PSNR does
     assert fidelity.ssim(a, (a * 0.9 + 0.05)) > 0.95
+
+
+def test_accelerated_variants_run_on_a_copy_and_are_measured(proxy_editor):
+    """Accelerations and dtypes are measured on a copy of the transformer: the editor's own one is left
+    as loaded. QKV fusion changes only the order of sums; bf16 changes the proxy a lot (it was trained in
+    float32), and a reference run again is identical to itself."""
+    before = {name: p.clone() for name, p in proxy_editor.c.transformer.named_parameters()}
+    level_none = fidelity.acceleration_variants("fuse")[0]
+    again = fidelity.Variant("none again", level_none.level)
+    rows = fidelity.run_fidelity(
+        proxy_editor, [again, level_none, fidelity.bf16_variant()], fidelity.synthetic_cases(1, 64)
+    )
+    by_name = {row.variant: row for row in rows}
+    assert by_name["none again"].psnr == fidelity.MAX_PSNR and by_name["none again"].latent_rel_l2 == 0
+    fused = by_name["none · default · fuse"]
+    assert (fused.accelerations, fused.dtype, fused.calls) == ("fuse", "float32", 28)
+    assert fused.latent_rel_l2 < 1e-4
+    bf16 = by_name["none · bf16"]
+    assert bf16.dtype == "bfloat16" and 1e-3 < bf16.latent_rel_l2 < 1
+    assert not any(getattr(m, "fused_projections", False) for m in proxy_editor.c.transformer.modules())
+    after = dict(proxy_editor.c.transformer.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_fp8_on_the_cpu_is_refused_with_compile(proxy_editor):
+    variant = fidelity.acceleration_variants("fp8+compile")[0]
+    with pytest.raises(ValueError, match="without compile"):
+        fidelity.accelerated_copy(proxy_editor.c.transformer, variant)
