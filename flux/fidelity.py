@@ -314,7 +314,8 @@ def run_fidelity(
     for variant in variants:
         groups.setdefault((variant.accelerations, variant.dtype), []).append(variant)
     for (spec, dtype), group in groups.items():
-        plain = AccelerationConfig.parse(spec) == AccelerationConfig.off() and dtype in (None, editor.c.dtype)
+        off = AccelerationConfig.parse(spec, editor.c.device) == AccelerationConfig.off()
+        plain = off and dtype in (None, editor.c.dtype)
         transformer = (
             editor.c.transformer if plain else accelerated_copy(editor.c.transformer, group[0], fp8_min_features)
         )
