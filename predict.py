@@ -7,7 +7,7 @@ import tempfile
 
 from cog import BaseRunner, Input, Path
 
-from flux import downloads, images
+from flux import downloads, images, memory
 from flux.accelerate import AccelerationConfig
 from flux.errors import InvalidInputError
 from flux.pipeline import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
@@ -97,4 +97,7 @@ class Predictor(BaseRunner):
         if self._last_output_dir:
             shutil.rmtree(self._last_output_dir, ignore_errors=True)
         self._last_output_dir = tempfile.mkdtemp(prefix="flux-kontext-")
-        return Path(images.save_image(result.image, self._last_output_dir, output_format, output_quality, note))
+        output = Path(images.save_image(result.image, self._last_output_dir, output_format, output_quality, note))
+        # This prediction's tensors are freed by now: hand the memory back, so that resident memory stays flat.
+        memory.release_free_memory()
+        return output
