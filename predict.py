@@ -7,12 +7,12 @@ import tempfile
 
 from cog import BaseRunner, Input, Path
 
-from flux import downloads, images, memory
-from flux.accelerate import AccelerationConfig
+from flux import images, optimize, sampling
 from flux.errors import InvalidInputError
 from flux.pipeline import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.weights import resolve_weights_dir
+from serving import downloads, memory
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -24,9 +24,14 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         # Input URLs get a total deadline and a size cap; failed fetches leave no file behind.
         downloads.limit_cog_downloads("input_image")
-        # Accelerations from $FLUX_ACCELERATIONS (default: flux.accelerate's defaults for the device); with
-        # compile on, this also warms up every served shape and persists the compiled artifacts.
-        self.editor = KontextEditor.from_pretrained(resolve_weights_dir(), accelerations=AccelerationConfig.from_env())
+        # Accelerations from $FLUX_ACCELERATIONS (default: flux.optimize's defaults for the device); with
+        # compile on, this also warms up every served shape and keeps the compiled artifacts with the weights.
+        weights = resolve_weights_dir()
+        self.editor = KontextEditor.from_pretrained(
+            weights,
+            accelerations=optimize.accelerations_from_env(),
+            compile_cache=optimize.compile_cache_from_env(weights),
+        )
         self._last_output_dir: str | None = None
 
     def run(
@@ -39,9 +44,14 @@ class Predictor(BaseRunner):
             choices=images.ASPECT_RATIOS,
             default=images.MATCH_INPUT_IMAGE,
         ),
-        num_inference_steps: int = Input(description="Denoising steps.", ge=MIN_STEPS, le=MAX_STEPS, default=28),
+        num_inference_steps: int = Input(
+            description="Denoising steps.", ge=MIN_STEPS, le=MAX_STEPS, default=sampling.DEFAULT_STEPS
+        ),
         guidance: float = Input(
-            description="How strongly to follow the prompt.", ge=MIN_GUIDANCE, le=MAX_GUIDANCE, default=2.5
+            description="How strongly to follow the prompt.",
+            ge=MIN_GUIDANCE,
+            le=MAX_GUIDANCE,
+            default=sampling.DEFAULT_GUIDANCE,
         ),
         seed: int | None = Input(description="Random seed; leave blank for a random one.", default=None),
         output_format: str = Input(
@@ -83,8 +93,8 @@ class Predictor(BaseRunner):
         request = request.with_seed()
         print(f"Using seed: {request.seed}")
 
-        def progress(step: int, computed: bool) -> None:
-            print(f"Step {step + 1}/{num_inference_steps}" + ("" if computed else " (TaylorSeer)"))
+        def progress(step: sampling.Step) -> None:
+            print(f"Step {step.index + 1}/{num_inference_steps}" + ("" if step.computed else " (TaylorSeer)"))
 
         result = self.editor.edit(request, on_step=progress)
         print(f"Transformer calls: {result.transformer_calls} of {num_inference_steps} steps ({acceleration})")

@@ -8,20 +8,21 @@ is an error that names the component and the tensor.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from flux.errors import WeightsError
-from flux.sampling import ScheduleConfig
-from flux.tiny import RANDOM_WEIGHTS_MARKER
 
 logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
+"""A file of this name in a weights directory marks a test model (random or proxy weights): its
+outputs are labelled as not real edits, and it may run without a GPU."""
 
 # subfolder -> the class its weights load into
 _MODELS = {
@@ -31,7 +32,8 @@ _MODELS = {
     "text_encoder_2": T5EncoderModel,
 }
 _TOKENIZERS = {"tokenizer": CLIPTokenizer, "tokenizer_2": T5Tokenizer}
-REQUIRED_ENTRIES = ("model_index.json", "scheduler", *_MODELS, *_TOKENIZERS)
+_COMPONENTS = ("scheduler", *_MODELS, *_TOKENIZERS)
+REQUIRED_ENTRIES = ("model_index.json", *_COMPONENTS)
 
 
 @dataclass
@@ -42,8 +44,19 @@ class FluxComponents:
     text_encoder_2: T5EncoderModel  # T5-XXL: per-token embeddings
     tokenizer: CLIPTokenizer
     tokenizer_2: T5Tokenizer
-    schedule: ScheduleConfig
+    scheduler: FlowMatchEulerDiscreteScheduler  # only its config is read: the time-shift parameters
     random_weights: bool  # True for the tiny test model: outputs are not real edits
+
+    @classmethod
+    def from_pipeline(cls, pipe: FluxKontextPipeline, random_weights: bool = True) -> FluxComponents:
+        """The components of a diffusers FluxKontextPipeline built in memory (the synthetic models)."""
+        return cls(**{name: getattr(pipe, name) for name in _COMPONENTS}, random_weights=random_weights)
+
+    def diffusers_pipeline(self) -> FluxKontextPipeline:
+        """diffusers' own FluxKontextPipeline on these components (the speed baseline), progress bar off."""
+        pipe = FluxKontextPipeline(**{name: getattr(self, name) for name in _COMPONENTS})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -84,7 +97,7 @@ def load_components(
     """Load every component from `directory` (the layout of black-forest-labs/FLUX.1-Kontext-dev).
 
     Raises WeightsError naming the missing entry, file or tensor. Never falls back to random
-    weights; the tiny test model is flagged by the RANDOM_WEIGHTS file that flux.tiny writes.
+    weights; a test model is flagged by its RANDOM_WEIGHTS_MARKER file.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -92,11 +105,10 @@ def load_components(
     missing = [name for name in REQUIRED_ENTRIES if not (directory / name).exists()]
     if missing:
         raise WeightsError(f"weights directory {directory} is missing: {', '.join(missing)}")
-    scheduler_file = directory / "scheduler" / "scheduler_config.json"
     try:
-        schedule = ScheduleConfig.from_scheduler_config(json.loads(scheduler_file.read_text()))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(directory, subfolder="scheduler")
     except (OSError, ValueError) as e:
-        raise WeightsError(f"could not read {scheduler_file}: {e}") from e
+        raise WeightsError(f"could not read scheduler/ from {directory}: {e}") from e
 
     models = {name: _load_model(directory, name, dtype).to(device) for name in _MODELS}
     tokenizers = {}
@@ -108,4 +120,4 @@ def load_components(
     random_weights = (directory / RANDOM_WEIGHTS_MARKER).exists()
     if random_weights:
         logger.warning("%s is a test model (random or proxy weights): outputs are not real edits", directory)
-    return FluxComponents(**models, **tokenizers, schedule=schedule, random_weights=random_weights)
+    return FluxComponents(**models, **tokenizers, scheduler=scheduler, random_weights=random_weights)

@@ -14,12 +14,12 @@ import PIL.Image
 import torch
 
 from flux import images, sampling
-from flux.accelerate import AccelerationConfig, prepare
 from flux.errors import InvalidInputError
 from flux.model import FluxComponents, load_components
+from flux.optimize import Accelerations, optimize
 from flux.taylor_seer_utils import (
     LEVEL_DEFAULT_ORDER,
-    MAX_N_DERIVATIVES,
+    MAX_ORDER,
     AccelerationLevel,
     TaylorSeerConfig,
     generate_compute_step_map,
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 MIN_STEPS, MAX_STEPS = 4, 50
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 10.0
 MAX_SEED = 2**63 - 1
-T5_MAX_TOKENS = 512  # FLUX.1 [dev] was trained with 512 T5 tokens
 
 
 @dataclass(frozen=True)
@@ -40,11 +39,11 @@ class EditRequest:
     prompt: str
     image: PIL.Image.Image
     aspect_ratio: str = images.MATCH_INPUT_IMAGE
-    num_inference_steps: int = 28  # MIN_STEPS..MAX_STEPS
-    guidance: float = 2.5  # embedded guidance, MIN_GUIDANCE..MAX_GUIDANCE (no CFG)
+    num_inference_steps: int = sampling.DEFAULT_STEPS  # MIN_STEPS..MAX_STEPS
+    guidance: float = sampling.DEFAULT_GUIDANCE  # embedded guidance, MIN_GUIDANCE..MAX_GUIDANCE (no CFG)
     seed: int | None = None  # None draws a random seed; 0 is a seed like any other
     acceleration: AccelerationLevel = AccelerationLevel.GO_REALLY_FAST
-    n_derivatives: int | None = None  # TaylorSeer order 1..MAX_N_DERIVATIVES; None: the level's default
+    n_derivatives: int | None = None  # TaylorSeer order 1..MAX_ORDER; None: the level's default
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -66,7 +65,7 @@ class EditRequest:
             levels = [level.value for level in AccelerationLevel]
             raise InvalidInputError("acceleration", f"must be one of {levels}, got {self.acceleration!r}")
         if self.n_derivatives is not None:
-            _check_int("n_derivatives", self.n_derivatives, 1, MAX_N_DERIVATIVES)
+            _check_int("n_derivatives", self.n_derivatives, 1, MAX_ORDER)
 
     def with_seed(self) -> EditRequest:
         """This request with a seed: its own, or a random one if it has none."""
@@ -96,7 +95,8 @@ class KontextEditor:
     """FLUX.1 Kontext [dev] editing with TaylorSeer step caching."""
 
     def __init__(self, components: FluxComponents):
-        self.c = components
+        self.components = components
+        self.schedule = sampling.ScheduleConfig.from_scheduler_config(components.scheduler.config)
 
     @classmethod
     def from_pretrained(
@@ -104,12 +104,14 @@ class KontextEditor:
         directory: str | Path,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        accelerations: AccelerationConfig | None = None,
+        accelerations: Accelerations | None = None,
+        compile_cache: str | Path | None = None,
     ) -> KontextEditor:
         """Load from a diffusers-layout directory; bf16 on a GPU, float32 on the CPU by default.
 
-        `accelerations` (default: none) are applied to the transformer by flux.accelerate.prepare(),
-        which also warms up the served shapes when compiling.
+        `accelerations` (default: none; "default" for the device's defaults) are applied to the
+        transformer by flux.optimize.optimize(), which also warms up the served shapes when compiling
+        and keeps the compiled artifacts in `compile_cache`.
         """
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,21 +119,22 @@ class KontextEditor:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         editor = cls(load_components(directory, device, dtype))
         if accelerations is not None:
-            prepare(editor.c.transformer, accelerations)
+            optimize(editor.components.transformer, accelerations, compile_cache)
         return editor
 
     def _now(self) -> float:
         """perf_counter() once the GPU has finished the work queued so far, so phases are timed honestly."""
-        if self.c.device.type == "cuda":
-            torch.cuda.synchronize(self.c.device)
+        device = self.components.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter()
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, L, D) T5 hidden states (L = 512 for the real model) and (1, P) CLIP pooled embedding."""
-        c = self.c
+        c = self.components
         # 512 for the real model; a small test model may declare a shorter text length.
-        t5_len = min(T5_MAX_TOKENS, c.tokenizer_2.model_max_length)
+        t5_len = min(sampling.TEXT_TOKENS, c.tokenizer_2.model_max_length)
         t5 = c.tokenizer_2(prompt, padding="max_length", max_length=t5_len, truncation=True, return_tensors="pt")
         n_t5 = len(c.tokenizer_2(prompt, truncation=False).input_ids)
         if n_t5 > t5_len:
@@ -145,14 +148,14 @@ class KontextEditor:
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> (1, C, H/8, W/8) latents, shifted and scaled (distribution mode)."""
-        vae = self.c.vae
-        latents = vae.encode(pixels.to(self.c.device, vae.dtype)).latent_dist.mode()
+        vae = self.components.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
         return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(1, C, h, w) latents -> (1, 3, 8h, 8w) pixels in [-1, 1]."""
-        vae = self.c.vae
+        vae = self.components.vae
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
@@ -188,23 +191,20 @@ class KontextEditor:
         seconds["image"] = self._now() - t0
 
         t0 = self._now()
-        inputs = sampling.prepare(context, txt, vec, out_h // 8, out_w // 8, seed)
-        timesteps = sampling.get_schedule(request.num_inference_steps, inputs.noise.shape[1], self.c.schedule)
+        inputs = sampling.kontext_inputs(context, txt, vec, out_h // 8, out_w // 8, seed)
+        timesteps = sampling.get_schedule(request.num_inference_steps, inputs.noise.shape[1], self.schedule)
         step_map = generate_compute_step_map(request.acceleration, request.num_inference_steps)
-        calls = 0
-
-        def count_calls(step: int, computed: bool) -> None:
-            nonlocal calls
-            calls += computed
-            if on_step is not None:
-                on_step(step, computed)
-
         order = request.n_derivatives
         if order is None:
             order = LEVEL_DEFAULT_ORDER[AccelerationLevel(request.acceleration)]
-        seer = TaylorSeerConfig(order=order)
         tokens = sampling.denoise(
-            self.c.transformer, inputs, timesteps, request.guidance, step_map, seer=seer, on_step=count_calls
+            self.components.transformer,
+            inputs,
+            timesteps,
+            request.guidance,
+            step_map,
+            TaylorSeerConfig(order=order),
+            on_step,
         )
         latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
         seconds["denoise"] = self._now() - t0
@@ -212,4 +212,4 @@ class KontextEditor:
         t0 = self._now()
         image = images.tensor_to_image(self.decode(latents))
         seconds["decode"] = self._now() - t0
-        return EditResult(image, seed, latents, calls, self.c.random_weights, seconds)
+        return EditResult(image, seed, latents, sum(step_map), self.components.random_weights, seconds)

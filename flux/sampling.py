@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from flux.taylor_seer_utils import (
-    DEFAULT_N_DERIVATIVES,
-    AdaptiveConfig,
-    FirstBlockState,
-    TaylorSeerConfig,
-    TaylorSeerState,
-)
+from flux.taylor_seer_utils import Extrapolation
+
+# The served defaults, defined once.
+DEFAULT_STEPS = 28
+DEFAULT_GUIDANCE = 2.5  # embedded guidance (FLUX.1 [dev] is guidance-distilled: no CFG pass)
+TEXT_TOKENS = 512  # T5 tokens FLUX.1 [dev] was trained with
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ class ScheduleConfig:
         return self.base_shift + slope * (image_seq_len - self.base_seq_len)
 
 
-def time_shift(mu: float, t: float) -> float:
-    """Shift t ∈ [0, 1] towards 1 (more time at high noise) by exp(mu)."""
-    if t <= 0.0:
+def time_shift(mu: float, t: float | torch.Tensor) -> float | torch.Tensor:
+    """Shift t ∈ [0, 1] towards 1 (more time at high noise) by exp(mu). Takes a float or a tensor."""
+    if not isinstance(t, torch.Tensor) and t <= 0.0:
         return 0.0
     return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
 
@@ -101,7 +101,7 @@ class KontextInputs:
     latent_width: int  # w of the output latents
 
 
-def prepare(
+def kontext_inputs(
     context_latents: torch.Tensor,
     txt: torch.Tensor,
     vec: torch.Tensor,
@@ -129,24 +129,18 @@ def prepare(
     )
 
 
-StepCallback = Callable[[int, bool], None]
-"""Called after each step with (step index, whether the transformer ran)."""
-
-ExtrapolationCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
-"""Called on each skipped step with (step index, time t, latents (B, N, 4C), extrapolated velocity),
-before the Euler step: what a fidelity check needs to ask the transformer for the true velocity."""
-
-
-def _transformer_kwargs(inputs: KontextInputs, img: torch.Tensor, t: float, guidance: float) -> dict:
-    """The transformer's arguments for latents `img` (B, N, 4C) at time t: [noise | context] tokens."""
+def transformer_kwargs(inputs: KontextInputs, img: torch.Tensor, t: float | torch.Tensor, guidance: float) -> dict:
+    """The transformer's arguments for latents `img` (B, N, 4C) at time t (a float, or a (B,) tensor
+    of per-example times): [noise | context] tokens, text, ids, embedded guidance."""
     dtype = inputs.txt.dtype
     b = img.shape[0]
     device = img.device
+    timestep = t.to(device, dtype) if isinstance(t, torch.Tensor) else torch.full((b,), t, device=device, dtype=dtype)
     return dict(
         hidden_states=torch.cat([img.to(dtype), inputs.context.to(dtype)], dim=1),
         encoder_hidden_states=inputs.txt,
         pooled_projections=inputs.vec,
-        timestep=torch.full((b,), t, device=device, dtype=dtype),
+        timestep=timestep,
         img_ids=inputs.img_ids,
         txt_ids=inputs.txt_ids,
         guidance=torch.full((b,), guidance, device=device, dtype=torch.float32),
@@ -159,81 +153,69 @@ def velocity(
 ) -> torch.Tensor:
     """One transformer call: the predicted velocity (B, N, 4C) of the noise tokens, in the model's dtype.
     The prediction for the context tokens is cut away."""
-    return transformer(**_transformer_kwargs(inputs, img, t, guidance))[0][:, : img.shape[1]]
+    return transformer(**transformer_kwargs(inputs, img, t, guidance))[0][:, : img.shape[1]]
 
 
-class _FirstBlockDone(Exception):
-    def __init__(self, residual: torch.Tensor):
-        self.residual = residual
+@dataclass(frozen=True)
+class Step:
+    """What the loop did at one denoising step, as the progress callback sees it."""
+
+    index: int  # 0-based
+    t: float  # the step's schedule time (it integrates from t to the next time)
+    computed: bool  # whether the transformer ran (False: TaylorSeer extrapolated)
+    latents: torch.Tensor  # (B, N, 4C) float32, the latents the step started from
+    velocity: torch.Tensor  # (B, N, 4C) float32, the velocity it integrated
 
 
-def first_block_residual(
-    transformer: torch.nn.Module, inputs: KontextInputs, img: torch.Tensor, t: float, guidance: float
-) -> torch.Tensor:
-    """What the first double-stream block adds to the noise tokens' hidden states (B, N, D).
+StepCallback = Callable[[Step], None]
+"""Called after each step."""
 
-    Runs diffusers' own forward (embedders, rotary embedding, block 0) and stops it right after the
-    first block with an exception from a forward hook, so nothing of the forward is duplicated here.
-    """
-    n = img.shape[1]
 
-    def stop(module, args, kwargs, output):
-        raise _FirstBlockDone(output[1][:, :n] - kwargs["hidden_states"][:, :n])
+class ComputePolicy(Protocol):
+    """Decides, step by step, whether the transformer runs (the alternative to a fixed step map)."""
 
-    handle = transformer.transformer_blocks[0].register_forward_hook(stop, with_kwargs=True)
-    try:
-        transformer(**_transformer_kwargs(inputs, img, t, guidance))
-    except _FirstBlockDone as done:
-        return done.residual
-    finally:
-        handle.remove()
-    raise RuntimeError("the transformer returned without running its first block")
+    def __call__(self, step: int, t: float, latents: torch.Tensor) -> bool: ...
 
 
 def denoise(
     transformer: torch.nn.Module,
     inputs: KontextInputs,
-    timesteps: list[float],
+    timesteps: Sequence[float],
     guidance: float,
-    compute_step_map: list[bool],
-    n_derivatives: int = DEFAULT_N_DERIVATIVES,
+    compute: Sequence[bool] | ComputePolicy,
+    extrapolation: Extrapolation,
     on_step: StepCallback | None = None,
-    *,
-    seer: TaylorSeerConfig | None = None,
-    adaptive: AdaptiveConfig | None = None,
-    on_extrapolated: ExtrapolationCallback | None = None,
 ) -> torch.Tensor:
     """Euler integration of the velocity field from t=1 to t=0; returns (B, N, 4C) float32 latents.
 
-    On a computed step the transformer runs on [noise tokens | context tokens] and the prediction
-    is cut back to the noise tokens, which is all TaylorSeer keeps. On a skipped step the velocity
-    is extrapolated (`seer`, default TaylorSeerConfig(order=n_derivatives)). Latents stay float32
-    whatever the model's dtype.
-
-    With `adaptive`, compute_step_map's True steps are always computed and each False step runs the
-    first transformer block to decide (AdaptiveConfig); without it, the map is followed as it is.
+    `compute` says which steps run the transformer: a step map (one bool per step, from
+    taylor_seer_utils.generate_compute_step_map) or a policy asked at each step. On a computed step
+    the transformer runs on [noise tokens | context tokens] and the prediction is cut back to the
+    noise tokens, which is all the extrapolation keeps; on a skipped step the velocity comes from
+    `extrapolation` (taylor_seer_utils.TaylorSeerConfig for the shipped TaylorSeer; a fresh state per
+    call, so nothing leaks between requests). Latents stay
+    float32 whatever the model's dtype.
     """
-    if len(compute_step_map) != len(timesteps) - 1:
-        raise ValueError(f"compute_step_map has {len(compute_step_map)} entries for {len(timesteps) - 1} steps")
-    state = TaylorSeerState(seer if seer is not None else TaylorSeerConfig(order=n_derivatives))
-    first_block = FirstBlockState(adaptive) if adaptive is not None else None
+    if isinstance(compute, Sequence):
+        if len(compute) != len(timesteps) - 1:
+            raise ValueError(f"the compute step map has {len(compute)} entries for {len(timesteps) - 1} steps")
+        step_map = compute
+
+        def compute(step: int, t: float, latents: torch.Tensor) -> bool:
+            return step_map[step]
+
+    state = extrapolation.start()
     img = inputs.noise.float()
     for step, (t_curr, t_next) in enumerate(itertools.pairwise(timesteps)):
-        computed = compute_step_map[step]
-        residual = None
-        if not computed and first_block is not None:
-            residual = first_block_residual(transformer, inputs, img, t_curr, guidance)
-            computed = first_block.should_compute(residual)
-            first_block.update(computed, residual)
+        computed = compute(step, t_curr, img)
         if computed:
             pred = velocity(transformer, inputs, img, t_curr, guidance)
             state.update(step, pred, t_curr)
             v = pred.float()
         else:
             v = state.predict(step, t_curr)
-            if on_extrapolated is not None:
-                on_extrapolated(step, t_curr, img, v)
+        start = img
         img = img + (t_next - t_curr) * v
         if on_step is not None:
-            on_step(step, computed)
+            on_step(Step(step, t_curr, computed, start, v))
     return img

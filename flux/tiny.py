@@ -1,4 +1,4 @@
-"""Write a tiny random-initialised FLUX.1 Kontext model in the diffusers layout.
+"""Synthetic FLUX.1 Kontext models: the tiny random-weight model, written in the diffusers layout.
 
     python -m flux.tiny DIR
 
@@ -7,11 +7,16 @@ black-forest-labs/FLUX.1-Kontext-dev (model_index.json, transformer/, vae/, text
 text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) with tiny dimensions, so the real loader
 reads it. Tokenizers are built offline. Everything it produces comes from RANDOM weights: it
 exercises the code path and the maths, never image quality.
+
+`build_pipeline` is the one builder of synthetic models: the tiny one (TINY), the full FLUX.1
+dimensions with random weights built directly on a GPU (FULL, for real timings), and the base of the
+trained proxy the fidelity measurements use.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import string
 import sys
@@ -30,30 +35,72 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
+from flux.model import RANDOM_WEIGHTS_MARKER
 
 
 @dataclass(frozen=True)
-class TinyConfig:
-    """Dimensions of the tiny model. Real FLUX.1 values are in the comments."""
+class SyntheticConfig:
+    """Dimensions of a synthetic model. The defaults are the tiny model; FULL has FLUX.1's values."""
 
     seed: int = 0
+    # transformer
     num_layers: int = 1  # double-stream blocks (19)
     num_single_layers: int = 1  # single-stream blocks (38)
     num_attention_heads: int = 1  # (24); one head: CPU attention time grows with heads
     attention_head_dim: int = 16  # (128); must equal sum(axes_dims_rope)
     axes_dims_rope: tuple[int, int, int] = (4, 6, 6)  # (16, 56, 56)
-    text_dim: int = 32  # T5 d_model = joint_attention_dim (4096)
-    clip_dim: int = 32  # CLIP hidden size = pooled_projection_dim (768)
-    vae_width: int = 4  # VAE channels per level (128, 256, 512, 512); on CPU 4 decodes ~10x faster than 8
-    vae_mid_attention: bool = False  # (True); attention over 16k latent pixels would dominate CPU time
-    vae_levels: int = 4  # four levels -> 8x downsampling, as in the real VAE
-    latent_channels: int = 16  # (16)
     # Gain applied to the transformer's embedders after random initialisation. A default
     # initialised tiny transformer barely reacts to the timestep, the guidance value, the text or
     # the context image, so a broken conditioning would go unnoticed in the parity tests. Scaling
     # the embedders up makes the velocity field depend strongly on every one of them.
     conditioning_gain: float = 8.0
+    # T5 encoder; its width is the transformer's joint_attention_dim
+    text_dim: int = 32  # d_model (4096)
+    t5_layers: int = 2  # (24)
+    t5_heads: int = 4  # (64)
+    t5_head_dim: int = 8  # d_kv (64)
+    t5_ff_dim: int = 64  # d_ff (10240)
+    t5_vocab: int | None = None  # (32128); None: the offline tokenizer's size
+    # CLIP text model; its width is the transformer's pooled_projection_dim
+    clip_dim: int = 32  # hidden size (768)
+    clip_layers: int = 2  # (12)
+    clip_heads: int = 2  # (12)
+    clip_ff_dim: int = 64  # intermediate size (3072)
+    clip_vocab: int | None = None  # (49408); None: the offline tokenizer's size
+    # VAE: four levels -> 8x downsampling, as in the real VAE
+    vae_widths: tuple[int, ...] = (4, 4, 4, 4)  # channels per level (128, 256, 512, 512); 4 decodes ~10x faster
+    vae_layers_per_block: int = 1  # (2)
+    vae_norm_groups: int = 4  # (32)
+    vae_mid_attention: bool = False  # (True); attention over 16k latent pixels would dominate CPU time
+    latent_channels: int = 16  # (16)
+
+
+TINY = SyntheticConfig()
+
+FULL = SyntheticConfig(
+    # black-forest-labs/FLUX.1-Kontext-dev: transformer/, text_encoder_2/ (T5-XXL), text_encoder/ (CLIP-L), vae/
+    num_layers=19,
+    num_single_layers=38,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    axes_dims_rope=(16, 56, 56),
+    conditioning_gain=1.0,
+    text_dim=4096,
+    t5_layers=24,
+    t5_heads=64,
+    t5_head_dim=64,
+    t5_ff_dim=10240,
+    t5_vocab=32128,
+    clip_dim=768,
+    clip_layers=12,
+    clip_heads=12,
+    clip_ff_dim=3072,
+    clip_vocab=49408,
+    vae_widths=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    vae_norm_groups=32,
+    vae_mid_attention=True,
+)
 
 
 def _clip_tokenizer() -> CLIPTokenizer:
@@ -83,73 +130,92 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_pipeline(cfg: TinyConfig = TinyConfig()) -> FluxKontextPipeline:
-    """Build the tiny model in memory (float32, eval mode, deterministic for a given seed)."""
-    torch.manual_seed(cfg.seed)
+@contextlib.contextmanager
+def _building_on(device: str | torch.device, dtype: torch.dtype):
+    """New parameters are created on `device` in `dtype` (12B parameters initialised on the CPU first
+    would take minutes; "meta" allocates nothing)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_pipeline(
+    cfg: SyntheticConfig = TINY, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> FluxKontextPipeline:
+    """Build a synthetic model in memory (eval mode, deterministic for a given seed), with random
+    weights created directly on `device` in `dtype`, and the offline tokenizers."""
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
-
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.clip_dim,
-            intermediate_size=2 * cfg.clip_dim,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=cfg.clip_dim,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+    with _building_on(device, dtype):
+        torch.manual_seed(cfg.seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=cfg.clip_vocab or len(tokenizer),
+                hidden_size=cfg.clip_dim,
+                intermediate_size=cfg.clip_ff_dim,
+                num_hidden_layers=cfg.clip_layers,
+                num_attention_heads=cfg.clip_heads,
+                max_position_embeddings=77,
+                projection_dim=cfg.clip_dim,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         )
-    )
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=cfg.text_dim,
-            d_kv=8,
-            d_ff=2 * cfg.text_dim,
-            num_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            dropout_rate=0.0,
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=cfg.t5_vocab or len(tokenizer_2),
+                d_model=cfg.text_dim,
+                d_kv=cfg.t5_head_dim,
+                d_ff=cfg.t5_ff_dim,
+                num_layers=cfg.t5_layers,
+                num_heads=cfg.t5_heads,
+                feed_forward_proj="gated-gelu",
+                dropout_rate=0.0,
+                pad_token_id=tokenizer_2.pad_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+                decoder_start_token_id=tokenizer_2.pad_token_id,
+            )
         )
-    )
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * cfg.latent_channels,
-        num_layers=cfg.num_layers,
-        num_single_layers=cfg.num_single_layers,
-        attention_head_dim=cfg.attention_head_dim,
-        num_attention_heads=cfg.num_attention_heads,
-        joint_attention_dim=cfg.text_dim,
-        pooled_projection_dim=cfg.clip_dim,
-        guidance_embeds=True,
-        axes_dims_rope=cfg.axes_dims_rope,
-    )
-    with torch.no_grad():
-        for module in (transformer.time_text_embed, transformer.context_embedder, transformer.x_embedder):
-            for p in module.parameters():
-                p.mul_(cfg.conditioning_gain)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * cfg.vae_levels,
-        up_block_types=("UpDecoderBlock2D",) * cfg.vae_levels,
-        block_out_channels=(cfg.vae_width,) * cfg.vae_levels,
-        layers_per_block=1,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=4,
-        mid_block_add_attention=cfg.vae_mid_attention,
-        sample_size=1024,
-        scaling_factor=0.3611,  # the real FLUX VAE's values
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * cfg.latent_channels,
+            num_layers=cfg.num_layers,
+            num_single_layers=cfg.num_single_layers,
+            attention_head_dim=cfg.attention_head_dim,
+            num_attention_heads=cfg.num_attention_heads,
+            joint_attention_dim=cfg.text_dim,
+            pooled_projection_dim=cfg.clip_dim,
+            guidance_embeds=True,
+            axes_dims_rope=cfg.axes_dims_rope,
+        )
+        if cfg.conditioning_gain != 1.0:
+            with torch.no_grad():
+                for module in (transformer.time_text_embed, transformer.context_embedder, transformer.x_embedder):
+                    for p in module.parameters():
+                        p.mul_(cfg.conditioning_gain)
+        levels = len(cfg.vae_widths)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=cfg.vae_widths,
+            layers_per_block=cfg.vae_layers_per_block,
+            latent_channels=cfg.latent_channels,
+            norm_num_groups=cfg.vae_norm_groups,
+            mid_block_add_attention=cfg.vae_mid_attention,
+            sample_size=1024,
+            scaling_factor=0.3611,  # the real FLUX VAE's values
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    # The real model's scheduler settings: only the time-shift parameters are read.
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
@@ -159,7 +225,7 @@ def build_tiny_pipeline(cfg: TinyConfig = TinyConfig()) -> FluxKontextPipeline:
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    pipe = FluxKontextPipeline(
+    return FluxKontextPipeline(
         scheduler=scheduler,
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -168,13 +234,12 @@ def build_tiny_pipeline(cfg: TinyConfig = TinyConfig()) -> FluxKontextPipeline:
         tokenizer_2=tokenizer_2,
         transformer=transformer.eval(),
     )
-    return pipe
 
 
-def write_tiny_model(directory: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
+def write_tiny_model(directory: str | Path, cfg: SyntheticConfig = TINY) -> Path:
     """Write the tiny model to `directory` in the diffusers layout and return the path."""
     directory = Path(directory)
-    pipe = build_tiny_pipeline(cfg)
+    pipe = build_pipeline(cfg)
     pipe.save_pretrained(directory, safe_serialization=True)
     # A marker that anything loaded from here comes from random weights (see flux.model).
     (directory / RANDOM_WEIGHTS_MARKER).write_text(
@@ -188,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", help="where to write the model (created if missing)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = write_tiny_model(args.directory, TinyConfig(seed=args.seed))
+    out = write_tiny_model(args.directory, SyntheticConfig(seed=args.seed))
     print(f"wrote a tiny RANDOM-weight FLUX.1 Kontext model to {out}", file=sys.stderr)
     return 0
 

@@ -49,7 +49,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--image", default=str(ROOT / "examples" / "car.jpg"))
     p.add_argument("--prompt", default="make the car red")
-    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the server's, 28)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--format", default="webp", choices=["webp", "jpg", "png"])
     p.add_argument("--out", default=str(ROOT / "out"))
@@ -73,10 +73,11 @@ def main() -> int:
         inputs = {
             "prompt": args.prompt,
             "input_image": f"data:{mime};base64,{data}",
-            "num_inference_steps": args.steps,
             "seed": args.seed,
             "output_format": args.format,
         }
+        if args.steps is not None:
+            inputs["num_inference_steps"] = args.steps
         started = time.time()
         body = post_prediction(url, inputs).json()
         if body.get("status") != "succeeded":

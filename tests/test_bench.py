@@ -8,21 +8,23 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flux import bench, sampling
+from flux import sampling
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
-from flux.tiny import build_tiny_pipeline
+from flux.tiny import FULL, build_pipeline
+from measure import bench
 
 
 def test_full_model_flops_per_call_at_one_megapixel():
     # 1024² Kontext edit: 4096 noise + 4096 context tokens, 512 text tokens.
-    flops = bench.transformer_flops(bench.FULL_TRANSFORMER, image_tokens=8192, text_tokens=512)
+    config = dict(build_pipeline(FULL, "meta", torch.bfloat16).transformer.config)
+    flops = bench.transformer_flops(config, image_tokens=8192, text_tokens=512)
     assert flops.matmul == pytest.approx(112.4e12, rel=2e-3)
     assert flops.attention == pytest.approx(53.06e12, rel=2e-3)
     assert flops.total == pytest.approx(165.5e12, rel=2e-3)
 
 
 def test_flop_count_matches_torch_flop_counter_on_the_tiny_transformer():
-    transformer = build_tiny_pipeline().transformer
+    transformer = build_pipeline().transformer
     transformer.set_attention_backend("_native_math")  # attention as matmuls, which the counter sees
     h, w = 6, 8
     n = (h // 2) * (w // 2)
@@ -42,7 +44,8 @@ def test_flop_count_matches_torch_flop_counter_on_the_tiny_transformer():
 
 
 def test_full_size_models_have_flux_kontext_dimensions_without_allocating():
-    models = bench.full_size_models("meta")
+    pipe = build_pipeline(FULL, "meta", torch.bfloat16)
+    models = {name: getattr(pipe, name) for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     assert params["transformer"] == pytest.approx(11.9e9, rel=0.01)  # FLUX.1: 12B
     assert params["text_encoder_2"] == pytest.approx(4.76e9, rel=0.01)  # T5-XXL encoder

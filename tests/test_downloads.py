@@ -7,9 +7,9 @@ import cog.types
 import PIL.Image
 import pytest
 
-from flux import downloads
-from flux.downloads import DownloadLimits
 from flux.errors import InvalidInputError
+from serving import downloads
+from serving.downloads import DownloadLimits
 from tests.hostile_files import encode
 from tests.http_fixtures import LocalHTTP
 

@@ -1,6 +1,6 @@
 """Fidelity of every shipped acceleration on the proxy model, pinned to the figures in FIDELITY.md.
 
-The quick setting of the harness (flux.fidelity) runs here on the shipped proxy
+The quick setting of the harness (measure.fidelity) runs here on the shipped proxy
 (tests/assets/proxy); each row must stay within a margin of the row recorded in FIDELITY.md, so a
 regression in the caching maths fails CI. Deliberately broken extrapolations (wrong sign, none at
 all, one step late, a missing factorial) show that the floors bite.
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flux import fidelity
 from flux.pipeline import KontextEditor
 from flux.taylor_seer_utils import TaylorSeerState
+from measure import fidelity
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = ROOT / "tests" / "assets" / "proxy"
@@ -146,7 +146,8 @@ def test_accelerated_variants_run_on_a_copy_and_are_measured(proxy_editor):
     """Accelerations and dtypes are measured on a copy of the transformer: the editor's own one is left
     as loaded. QKV fusion changes only the order of sums; bf16 changes the proxy a lot (it was trained in
     float32), and a reference run again is identical to itself."""
-    before = {name: p.clone() for name, p in proxy_editor.c.transformer.named_parameters()}
+    transformer = proxy_editor.components.transformer
+    before = {name: p.clone() for name, p in transformer.named_parameters()}
     level_none = fidelity.acceleration_variants("fuse")[0]
     again = fidelity.Variant("none again", level_none.level)
     rows = fidelity.run_fidelity(
@@ -159,12 +160,12 @@ def test_accelerated_variants_run_on_a_copy_and_are_measured(proxy_editor):
     assert fused.latent_rel_l2 < 1e-4
     bf16 = by_name["none · bf16"]
     assert bf16.dtype == "bfloat16" and 1e-3 < bf16.latent_rel_l2 < 1
-    assert not any(getattr(m, "fused_projections", False) for m in proxy_editor.c.transformer.modules())
-    after = dict(proxy_editor.c.transformer.named_parameters())
+    assert not any(getattr(m, "fused_projections", False) for m in transformer.modules())
+    after = dict(transformer.named_parameters())
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_fp8_on_the_cpu_is_refused_with_compile(proxy_editor):
     variant = fidelity.acceleration_variants("fp8+compile")[0]
     with pytest.raises(ValueError, match="without compile"):
-        fidelity.accelerated_copy(proxy_editor.c.transformer, variant)
+        fidelity.accelerated_copy(proxy_editor.components.transformer, variant)

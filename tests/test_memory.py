@@ -1,11 +1,11 @@
-"""flux.memory: the memory a finished prediction freed goes back to the system."""
+"""serving.memory: the memory a finished prediction freed goes back to the system."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from flux import memory
+from serving import memory
 
 
 def rss_mib() -> float:

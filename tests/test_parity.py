@@ -13,7 +13,7 @@ import torch
 from diffusers import FluxKontextPipeline
 
 from flux import images, sampling
-from flux.accelerate import AccelerationConfig
+from flux.optimize import AccelerationConfig
 from flux.pipeline import EditRequest, KontextEditor
 from tests.conftest import make_image
 
@@ -81,7 +81,7 @@ def test_matches_diffusers(editor, reference, case):
 
 def test_matches_diffusers_with_every_acceleration_off(tiny_dir, reference):
     """The server's loading path with accelerations switched off is the path the parity holds for."""
-    editor = KontextEditor.from_pretrained(tiny_dir, device="cpu", accelerations=AccelerationConfig.off())
+    editor = KontextEditor.from_pretrained(tiny_dir, device="cpu", accelerations=AccelerationConfig())
     case = "match_input_image, landscape input"
     assert rel(edit(editor, case).latents, reference[case][0]) < TOLERANCE
 
@@ -96,13 +96,13 @@ def _context_ids_zero(monkeypatch):
 
 
 def _context_ignored(monkeypatch):
-    real = sampling.prepare
+    real = sampling.kontext_inputs
 
-    def prepare(*args, **kwargs):
+    def kontext_inputs(*args, **kwargs):
         inputs = real(*args, **kwargs)
         return dataclasses.replace(inputs, context=torch.zeros_like(inputs.context))
 
-    monkeypatch.setattr(sampling, "prepare", prepare)
+    monkeypatch.setattr(sampling, "kontext_inputs", kontext_inputs)
 
 
 BROKEN = {

@@ -85,13 +85,15 @@ def test_invalid_inputs_are_named(editor, field, value):
 def test_the_level_picks_the_extrapolation_order_unless_the_request_names_one(
     editor, monkeypatch, level, n_derivatives, expected
 ):
+    import inspect
+
     from flux import sampling
 
     seen = []
     real_denoise = sampling.denoise
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["seer"])
+        seen.append(inspect.signature(real_denoise).bind(*args, **kwargs).arguments["extrapolation"])
         return real_denoise(*args, **kwargs)
 
     monkeypatch.setattr(sampling, "denoise", spy)

@@ -1,9 +1,10 @@
-"""The proxy model's task and training (flux.proxy): deterministic, loadable by the strict loader."""
+"""The proxy model's task and training (measure.proxy): deterministic, loadable by the strict loader."""
 
 import torch
 
-from flux import proxy
 from flux.pipeline import KontextEditor
+from flux.tiny import build_pipeline
+from measure import proxy
 
 TINY = proxy.ProxyConfig(image_size=32, vae_steps=2, flow_steps=3, batch_size=4, pool_size=8)
 
@@ -28,11 +29,11 @@ def test_training_is_deterministic_and_writes_a_loadable_model(tmp_path):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
     # training moved the weights away from the initialisation
-    fresh = proxy.build_tiny_pipeline(TINY.tiny_config()).transformer.state_dict()
+    fresh = build_pipeline(TINY.model_config()).transformer.state_dict()
     assert not torch.equal(fresh["proj_out.weight"], a.transformer.state_dict()["proj_out.weight"])
 
     out = proxy.write_proxy(tmp_path / "proxy", TINY, log=lambda _: None)
     editor = KontextEditor.from_pretrained(out, device="cpu")
     txt, _ = editor.encode_prompt("make the square red")
     assert txt.shape[1] == TINY.text_tokens
-    assert editor.c.vae.config.scaling_factor != 0.3611  # set from the trained latents
+    assert editor.components.vae.config.scaling_factor != 0.3611  # set from the trained latents

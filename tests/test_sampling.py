@@ -7,7 +7,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 
 from flux import sampling
-from flux.taylor_seer_utils import AccelerationLevel, AdaptiveConfig, generate_compute_step_map
+from flux.taylor_seer_utils import AccelerationLevel, TaylorSeerConfig, TaylorSeerState, generate_compute_step_map
+
+SEER = TaylorSeerConfig()
 
 
 def test_schedule_endpoints_and_shift_line():
@@ -45,9 +47,9 @@ def test_position_ids_match_diffusers():
     assert (ctx[:, 0] == 1).all() and torch.equal(ctx[:, 1:], ref[:, 1:])
 
 
-def test_prepare_puts_context_after_noise_with_index_1():
+def test_kontext_inputs_put_context_after_noise_with_index_1():
     ctx = torch.randn(1, 16, 4, 6)
-    inputs = sampling.prepare(ctx, torch.zeros(1, 7, 32), torch.zeros(1, 32), 8, 4, seed=0)
+    inputs = sampling.kontext_inputs(ctx, torch.zeros(1, 7, 32), torch.zeros(1, 32), 8, 4, seed=0)
     assert inputs.noise.shape == (1, 8, 64) and inputs.context.shape == (1, 6, 64)
     assert inputs.img_ids.shape == (14, 3)
     assert (inputs.img_ids[:8, 0] == 0).all() and (inputs.img_ids[8:, 0] == 1).all()
@@ -72,23 +74,24 @@ class CallCounter:
 
 def small_inputs(editor, h=8, w=8):
     txt, vec = editor.encode_prompt("make the car red")
-    return sampling.prepare(torch.randn(1, 16, h, w), txt, vec, h, w, seed=0)
+    return sampling.kontext_inputs(torch.randn(1, 16, h, w), txt, vec, h, w, seed=0)
 
 
 @pytest.mark.parametrize("level,expected", [("none", 28), ("go fast", 18), ("go really fast", 13)])
 def test_denoise_calls_the_transformer_once_per_computed_step(editor, level, expected):
-    counter = CallCounter(editor.c.transformer)
+    counter = CallCounter(editor.components.transformer)
     inputs = small_inputs(editor)
     timesteps = sampling.get_schedule(28, inputs.noise.shape[1])
     seen = []
     with torch.inference_mode():
         out = sampling.denoise(
-            editor.c.transformer,
+            editor.components.transformer,
             inputs,
             timesteps,
             2.5,
             generate_compute_step_map(level, 28),
-            on_step=lambda step, computed: seen.append(computed),
+            SEER,
+            on_step=lambda step: seen.append(step.computed),
         )
     assert counter.calls == expected == sum(seen)
     assert out.shape == inputs.noise.shape and out.dtype == torch.float32
@@ -97,96 +100,63 @@ def test_denoise_calls_the_transformer_once_per_computed_step(editor, level, exp
 
 def test_skipped_steps_extrapolate_only_noise_tokens(editor, monkeypatch):
     recorded = []
-    real_update = sampling.TaylorSeerState.update
+    real_update = TaylorSeerState.update
 
     def spy(self, step, output, *args):
         recorded.append(output.shape)
         return real_update(self, step, output, *args)
 
-    monkeypatch.setattr(sampling.TaylorSeerState, "update", spy)
+    monkeypatch.setattr(TaylorSeerState, "update", spy)
     inputs = small_inputs(editor)
     with torch.inference_mode():
         sampling.denoise(
-            editor.c.transformer,
+            editor.components.transformer,
             inputs,
             sampling.get_schedule(8, 16),
             2.5,
             generate_compute_step_map(AccelerationLevel.GO_REALLY_FAST, 8),
+            SEER,
         )
     assert recorded and all(shape == inputs.noise.shape for shape in recorded)
 
 
 def test_denoise_rejects_a_step_map_of_the_wrong_length(editor):
     inputs = small_inputs(editor)
-    with pytest.raises(ValueError, match="compute_step_map"):
-        sampling.denoise(editor.c.transformer, inputs, sampling.get_schedule(8, 16), 2.5, [True] * 7)
+    with pytest.raises(ValueError, match="step map"):
+        sampling.denoise(editor.components.transformer, inputs, sampling.get_schedule(8, 16), 2.5, [True] * 7, SEER)
 
 
-def run_adaptive(editor, adaptive, steps=12, inputs=None):
-    counter = CallCounter(editor.c.transformer)
-    inputs = inputs or small_inputs(editor)
-    timesteps = sampling.get_schedule(steps, inputs.noise.shape[1])
+def test_on_step_sees_every_step_with_the_latents_it_started_from(editor):
+    """What a fidelity probe needs: on each skipped step, the latents before its Euler step and the
+    extrapolated velocity; the next step starts from latents + (t_next - t) · velocity."""
+    inputs = small_inputs(editor)
+    step_map = generate_compute_step_map(AccelerationLevel.GO_REALLY_FAST, 10)
+    timesteps = sampling.get_schedule(10, 16)
     seen = []
     with torch.inference_mode():
         out = sampling.denoise(
-            editor.c.transformer,
-            inputs,
-            timesteps,
-            2.5,
-            adaptive.required_steps(steps),
-            adaptive=adaptive,
-            on_step=lambda step, computed: seen.append(computed),
+            editor.components.transformer, inputs, timesteps, 2.5, step_map, SEER, on_step=seen.append
         )
-    return out, seen, counter.calls
+    assert [s.index for s in seen] == list(range(10)) and [s.computed for s in seen] == step_map
+    assert [s.t for s in seen] == timesteps[:-1]
+    assert all(s.latents.shape == s.velocity.shape == inputs.noise.shape for s in seen)
+    torch.testing.assert_close(seen[0].latents, inputs.noise)
+    for a, b in itertools.pairwise(seen):
+        torch.testing.assert_close(b.latents, a.latents + (b.t - a.t) * a.velocity)
+    torch.testing.assert_close(out, seen[-1].latents + (0.0 - seen[-1].t) * seen[-1].velocity)
 
 
-def test_adaptive_with_threshold_zero_computes_every_step_like_level_none(editor):
+def test_a_compute_policy_is_asked_at_every_step(editor):
     inputs = small_inputs(editor)
-    out, seen, calls = run_adaptive(editor, AdaptiveConfig(threshold=0.0), inputs=inputs)
+    asked = []
+
+    def every_other(step, t, latents):
+        asked.append((step, t, latents.shape))
+        return step % 2 == 0
+
+    counter = CallCounter(editor.components.transformer)
+    timesteps = sampling.get_schedule(6, 16)
     with torch.inference_mode():
-        ref = sampling.denoise(editor.c.transformer, inputs, sampling.get_schedule(12, 16), 2.5, [True] * 12)
-    assert seen == [True] * 12 and calls == 12  # first-block probes are not full calls
-    torch.testing.assert_close(out, ref)
-
-
-def test_adaptive_skips_at_most_max_skips_in_a_row_and_protects_the_ends(editor):
-    _, seen, calls = run_adaptive(editor, AdaptiveConfig(threshold=1e9, protected=2, max_skips=2))
-    # protected: 0, 1 and 10, 11; step 2 has no reference yet, then skip, skip, compute, ...
-    assert seen == [True, True, True, False, False, True, False, False, True, False, True, True]
-    assert calls == sum(seen)
-
-
-def test_first_block_residual_is_what_block_0_adds_to_the_noise_tokens(editor):
-    inputs = small_inputs(editor)
-    img = inputs.noise
-    captured = {}
-
-    def hook(module, args, kwargs, output):
-        captured["residual"] = output[1] - kwargs["hidden_states"]
-
-    handle = editor.c.transformer.transformer_blocks[0].register_forward_hook(hook, with_kwargs=True)
-    with torch.inference_mode():
-        sampling.velocity(editor.c.transformer, inputs, img, 0.7, 2.5)
-    handle.remove()
-    with torch.inference_mode():
-        residual = sampling.first_block_residual(editor.c.transformer, inputs, img, 0.7, 2.5)
-    n = img.shape[1]
-    torch.testing.assert_close(residual, captured["residual"][:, :n])
-    assert not editor.c.transformer.transformer_blocks[0]._forward_hooks  # the stop hook is removed
-
-
-def test_on_extrapolated_sees_every_skipped_step_before_its_euler_step(editor):
-    inputs = small_inputs(editor)
-    step_map = generate_compute_step_map(AccelerationLevel.GO_REALLY_FAST, 10)
-    seen = []
-    with torch.inference_mode():
-        sampling.denoise(
-            editor.c.transformer,
-            inputs,
-            sampling.get_schedule(10, 16),
-            2.5,
-            step_map,
-            on_extrapolated=lambda step, t, img, v: seen.append((step, img.shape, v.shape)),
-        )
-    assert [s for s, _, _ in seen] == [i for i, c in enumerate(step_map) if not c]
-    assert all(a == b == inputs.noise.shape for _, a, b in seen)
+        sampling.denoise(editor.components.transformer, inputs, timesteps, 2.5, every_other, SEER)
+    assert asked == [(i, timesteps[i], inputs.noise.shape) for i in range(6)]
+    assert counter.calls == 3

@@ -11,7 +11,7 @@ import pytest
 import requests
 from safetensors.torch import load_file, save_file
 
-from flux.tiny import TinyConfig, write_tiny_model
+from flux.tiny import SyntheticConfig, write_tiny_model
 from tests.cog_server import data_uri, decode_output, output_bytes, running_server
 from tests.conftest import make_image
 from tests.hostile_files import encode
@@ -167,7 +167,7 @@ def lean_server(tmp_path_factory):
     """The tiny model without its single-stream block: the same code path at half the CPU time per
     transformer call, so 200 predictions fit in CI."""
     workdir = tmp_path_factory.mktemp("lean")
-    weights = write_tiny_model(workdir / "weights", TinyConfig(num_single_layers=0))
+    weights = write_tiny_model(workdir / "weights", SyntheticConfig(num_single_layers=0))
     with running_server(weights, workdir) as srv:
         yield srv
 

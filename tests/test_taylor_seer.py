@@ -3,14 +3,7 @@ import math
 import pytest
 import torch
 
-from flux.taylor_seer_utils import (
-    AccelerationLevel,
-    Extrapolation,
-    Spacing,
-    TaylorSeerConfig,
-    TaylorSeerState,
-    generate_compute_step_map,
-)
+from flux.taylor_seer_utils import AccelerationLevel, TaylorSeerConfig, TaylorSeerState, generate_compute_step_map
 
 
 def seed_rule(level: str, n: int) -> list[bool]:
@@ -66,7 +59,7 @@ def test_state_reproduces_the_published_formulas(n_derivatives, level):
     step_map = generate_compute_step_map(level, 28)
     # uneven windows too: mark a few middle steps computed to vary the spacing
     step_map[9] = step_map[14] = True
-    state = TaylorSeerState(TaylorSeerConfig(order=n_derivatives))
+    state = TaylorSeerConfig(order=n_derivatives).start()
     history = []
     checked = 0
     for step, computed in enumerate(step_map):
@@ -84,7 +77,7 @@ def test_state_reproduces_the_published_formulas(n_derivatives, level):
 @pytest.mark.parametrize("n_derivatives", [1, 2, 3])
 def test_exact_on_linear_trajectories(n_derivatives):
     a, b = torch.randn(3, 8), torch.randn(3, 8)
-    state = TaylorSeerState(TaylorSeerConfig(order=n_derivatives))
+    state = TaylorSeerConfig(order=n_derivatives).start()
     for step, computed in enumerate(generate_compute_step_map("go really fast", 28)):
         truth = a + b * step
         if computed:
@@ -96,7 +89,7 @@ def test_exact_on_linear_trajectories(n_derivatives):
 def test_not_exact_on_curved_trajectories():
     """v = s², computed every 3 steps: the order-2 recursion lags by half a window, so it is off
     by window · k. (Exact polynomial extrapolation would get this right.)"""
-    state = TaylorSeerState(TaylorSeerConfig(order=2))
+    state = TaylorSeerConfig(order=2).start()
     for s in (0, 3, 6):
         state.update(s, torch.tensor([float(s * s)]))
     assert state.predict(7).item() == pytest.approx(49 - 3 * 1)
@@ -104,7 +97,7 @@ def test_not_exact_on_curved_trajectories():
 
 
 def test_derivatives_grow_one_per_computed_step_up_to_the_order():
-    state = TaylorSeerState(TaylorSeerConfig(order=2))
+    state = TaylorSeerConfig(order=2).start()
     sizes = []
     for s in range(4):
         state.update(s, torch.zeros(1))
@@ -117,10 +110,6 @@ def test_state_rejects_bad_use():
         TaylorSeerConfig(order=4)
     with pytest.raises(ValueError, match="n_derivatives"):
         TaylorSeerConfig(order=0)
-    with pytest.raises(ValueError):
-        TaylorSeerConfig(method="spline")
-    with pytest.raises(ValueError, match="time"):
-        TaylorSeerState(TaylorSeerConfig(spacing=Spacing.TIMES)).update(0, torch.zeros(1))
     state = TaylorSeerState()
     with pytest.raises(RuntimeError):
         state.predict(0)
@@ -129,61 +118,9 @@ def test_state_rejects_bad_use():
         state.update(3, torch.zeros(1))
 
 
-def uneven_positions() -> list[float]:
-    """A shifted 28-step schedule's times: the spacing TaylorSeer sees with spacing 'times'."""
-    from flux.sampling import get_schedule
-
-    return get_schedule(28, 4096)[:-1]
-
-
-@pytest.mark.parametrize("order", [1, 2, 3])
-@pytest.mark.parametrize("spacing", list(Spacing))
-def test_newton_is_exact_on_polynomials_up_to_its_order_at_any_spacing(order, spacing):
-    gen = torch.Generator().manual_seed(order)
-    coeffs = torch.randn(order + 1, 3, 4, generator=gen)
-    times = uneven_positions()
-    step_map = generate_compute_step_map("go really fast", 28)
-    step_map[9] = step_map[14] = True  # uneven windows in steps too
-    state = TaylorSeerState(TaylorSeerConfig(order=order, spacing=spacing, method=Extrapolation.NEWTON))
-    seen = 0
-    for step, computed in enumerate(step_map):
-        x = step if spacing is Spacing.STEPS else times[step]
-        truth = sum(c * x**i for i, c in enumerate(coeffs.double())).float()
-        if computed:
-            state.update(step, truth, times[step])
-            seen += 1
-        elif seen > order:  # order+1 outputs determine a polynomial of degree `order`
-            torch.testing.assert_close(state.predict(step, times[step]), truth, rtol=1e-4, atol=1e-4)
-
-
-def test_recursion_is_not_exact_on_quadratics_but_newton_is():
-    """v = s², computed every 3 steps: the recursion lags half a window, Newton is exact."""
-    for method, expected in [(Extrapolation.RECURSION, 49 - 3), (Extrapolation.NEWTON, 49)]:
-        state = TaylorSeerState(TaylorSeerConfig(order=2, method=method))
-        for s in (0, 3, 6):
-            state.update(s, torch.tensor([float(s * s)]))
-        assert state.predict(7).item() == pytest.approx(expected)
-
-
-def test_times_spacing_differences_over_the_schedule_times():
-    """v linear in t (not in the step index): exact with spacing 'times', not with 'steps'."""
-    times = uneven_positions()
-    for spacing, exact in [(Spacing.TIMES, True), (Spacing.STEPS, False)]:
-        state = TaylorSeerState(TaylorSeerConfig(order=1, spacing=spacing))
-        for s in (3, 6):
-            state.update(s, torch.tensor([2.0 * times[s]]), times[s])
-        got = state.predict(8, times[8]).item()
-        assert (got == pytest.approx(2.0 * times[8])) is exact
-
-
-@pytest.mark.parametrize("order", [1, 2, 3])
-def test_newton_equals_recursion_at_order_1_and_on_one_window(order):
-    """At order 1 both are the line through the last two outputs; at higher orders they differ."""
-    gen = torch.Generator().manual_seed(0)
-    states = [TaylorSeerState(TaylorSeerConfig(order=order, method=m)) for m in Extrapolation]
-    for s in (0, 2, 5, 7):
-        value = torch.randn(4, generator=gen)
-        for state in states:
-            state.update(s, value)
-    a, b = (state.predict(9) for state in states)
-    assert torch.allclose(a, b) is (order == 1)
+def test_each_start_is_a_fresh_state():
+    config = TaylorSeerConfig(order=2)
+    a = config.start()
+    a.update(0, torch.ones(1))
+    b = config.start()
+    assert b is not a and b.factors == [] and b.last_step is None

@@ -1,8 +1,8 @@
 """Speed benchmark: our TaylorSeer levels × acceleration settings, against diffusers' eager
 FluxKontextPipeline on the same weights in the same process, and against the arithmetic floor.
 
-    python -m flux.bench --config tiny --steps 10 --size 64x48 --json out/bench-tiny.json     # CPU smoke
-    python -m flux.bench --config full --accelerations off,compile,fp8+compile --json out/bench.json  # GPU
+    python -m measure.bench --config tiny --steps 10 --size 64x48 --json out/bench-tiny.json     # CPU smoke
+    python -m measure.bench --config full --accelerations off,compile,fp8+compile --json out/bench.json  # GPU
 
 `tiny` is flux.tiny's random model (CPU). `full` builds the FLUX.1 Kontext dimensions with random weights
 directly on the GPU (no download): timings are real, images are noise. Every edit is match_input_image-like:
@@ -18,7 +18,6 @@ is transformer calls × FLOPs per call (from the config and token counts) / the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -37,31 +36,16 @@ import PIL.Image
 import torch
 from torch._dynamo.utils import counters
 
-from flux import accelerate
-from flux.accelerate import AccelerationConfig, Shape
+from flux import optimize, sampling
 from flux.model import FluxComponents
-from flux.pipeline import T5_MAX_TOKENS, EditRequest, KontextEditor
-from flux.sampling import ScheduleConfig
+from flux.optimize import AccelerationConfig, Shape
+from flux.pipeline import EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
-from flux.tiny import build_tiny_pipeline
+from flux.tiny import FULL, TINY, build_pipeline
 
 PROMPT = "make the car red"
 SEED = 0
 
-# FLUX.1 Kontext [dev]'s transformer (black-forest-labs/FLUX.1-Kontext-dev, transformer/config.json).
-FULL_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,
-    out_channels=None,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
 MLP_RATIO = 4  # FluxTransformerBlock / FluxSingleTransformerBlock hard-code a 4× MLP
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep / guidance projections
 
@@ -81,7 +65,7 @@ class Flops:
         return self.matmul + self.attention
 
 
-def transformer_flops(config: Mapping, image_tokens: int, text_tokens: int = T5_MAX_TOKENS) -> Flops:
+def transformer_flops(config: Mapping, image_tokens: int, text_tokens: int = sampling.TEXT_TOKENS) -> Flops:
     """FLOPs of one call of a FluxTransformer2DModel with `config`, batch 1.
 
     Counting: a (m × k) @ (k × n) matmul is 2·m·k·n FLOPs. D = heads × head dim, S = image + text tokens.
@@ -135,101 +119,19 @@ def measure_matmul_rate(device: torch.device, dtype: torch.dtype) -> dict:
 # ---- models -------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def full_size_models(device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.nn.Module]:
-    """FLUX.1 Kontext's transformer, T5-XXL encoder, CLIP-L text model and 16-channel VAE with random weights,
-    built directly on `device` in `dtype` (about 17B parameters). Use "meta" to check shapes without memory."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    with _default_dtype(dtype), torch.device(device):
-        torch.manual_seed(SEED)
-        transformer = FluxTransformer2DModel(**FULL_TRANSFORMER)
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=32128,
-                d_model=4096,
-                d_kv=64,
-                d_ff=10240,
-                num_layers=24,
-                num_heads=64,
-                feed_forward_proj="gated-gelu",
-                dropout_rate=0.0,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                projection_dim=768,
-                hidden_act="quick_gelu",
-                bos_token_id=0,  # the ids of flux.tiny's offline CLIP tokenizer, used with these models
-                eos_token_id=1,
-            )
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-            norm_num_groups=32,
-            sample_size=1024,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-    models = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
-    return {name: m.eval().requires_grad_(False) for name, m in models.items()}
-
-
-def build_components(
-    config: str, device: torch.device
-) -> tuple[FluxComponents, diffusers.FlowMatchEulerDiscreteScheduler]:
-    """The components for `config` ("tiny" or "full") on `device`, and the scheduler for the baseline.
-
-    Both reuse flux.tiny's offline tokenizers and scheduler settings (the real model's scheduler values)."""
-    tiny = build_tiny_pipeline()
+def build_components(config: str, device: torch.device) -> FluxComponents:
+    """The components for `config` on `device`: "tiny" (flux.tiny's model, float32) or "full" (FLUX.1
+    Kontext's dimensions, about 17B random parameters built directly on the GPU in bf16)."""
     if config == "tiny":
-        models = {
-            name: getattr(tiny, name).to(device) for name in ("transformer", "vae", "text_encoder", "text_encoder_2")
-        }
-    elif config == "full":
+        return FluxComponents.from_pipeline(build_pipeline(TINY, device))
+    if config == "full":
         if device.type != "cuda":
             raise SystemExit(
                 "--config full needs a CUDA GPU: its ~17B random parameters (~34 GB in bf16) are built on the GPU. "
                 "On the CPU use --config tiny."
             )
-        models = full_size_models(device)
-    else:
-        raise ValueError(f"unknown config {config!r}")
-    components = FluxComponents(
-        **models,
-        tokenizer=tiny.tokenizer,
-        tokenizer_2=tiny.tokenizer_2,
-        schedule=ScheduleConfig.from_scheduler_config(tiny.scheduler.config),
-        random_weights=True,
-    )
-    return components, tiny.scheduler
+        return FluxComponents.from_pipeline(build_pipeline(FULL, device, torch.bfloat16))
+    raise ValueError(f"unknown config {config!r}")
 
 
 class TransformerFactory:
@@ -242,8 +144,8 @@ class TransformerFactory:
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
 
     def __call__(self) -> torch.nn.Module:
-        with _default_dtype(self.dtype), torch.device("meta"):
-            transformer = self.cls.from_config(self.config)
+        with torch.device("meta"):
+            transformer = self.cls.from_config(self.config).to(self.dtype)
         transformer = transformer.to_empty(device=self.device)
         transformer.load_state_dict(self.state)
         return transformer.eval().requires_grad_(False)
@@ -286,12 +188,12 @@ def sample_image(width: int, height: int) -> PIL.Image.Image:
 
 def step_costs(editor: KontextEditor, request: EditRequest, size: tuple[int, int]) -> dict:
     """Median seconds of a computed and of a skipped denoising step, from one extra edit timed step by step."""
-    device = editor.c.device
+    device = editor.components.device
     marks: list[tuple[float, bool]] = []
 
-    def on_step(step: int, computed: bool) -> None:
+    def on_step(step: sampling.Step) -> None:
         _sync(device)
-        marks.append((time.perf_counter(), computed))
+        marks.append((time.perf_counter(), step.computed))
 
     editor.edit_at_size(request, size, size, on_step)
     computed, skipped = [], []
@@ -307,7 +209,7 @@ def step_costs(editor: KontextEditor, request: EditRequest, size: tuple[int, int
 def bench_ours(
     editor: KontextEditor, level: AccelerationLevel, size: tuple[int, int], steps: int, repeats: int
 ) -> dict:
-    device = editor.c.device
+    device = editor.components.device
     request = EditRequest(PROMPT, sample_image(*size), num_inference_steps=steps, seed=SEED, acceleration=level)
     editor.edit_at_size(request, size, size)  # untimed: first-run allocations, lazy initialisation
     graphs = _graphs()
@@ -332,21 +234,10 @@ def bench_ours(
     return out
 
 
-def bench_baseline(components: FluxComponents, scheduler, size: tuple[int, int], steps: int, repeats: int) -> dict:
+def bench_baseline(components: FluxComponents, size: tuple[int, int], steps: int, repeats: int) -> dict:
     """diffusers' FluxKontextPipeline, eager, on the same weights; the context image is given at `size`."""
-    from diffusers import FluxKontextPipeline
-
     c = components
-    pipe = FluxKontextPipeline(
-        scheduler=scheduler,
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        text_encoder_2=c.text_encoder_2,
-        tokenizer_2=c.tokenizer_2,
-        transformer=c.transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = c.diffusers_pipeline()
     calls = 0
 
     def count(*_):
@@ -362,7 +253,7 @@ def bench_baseline(components: FluxComponents, scheduler, size: tuple[int, int],
         height=height,
         max_area=width * height,
         num_inference_steps=steps,
-        guidance_scale=2.5,
+        guidance_scale=sampling.DEFAULT_GUIDANCE,
         _auto_resize=False,
     )
     device = c.device
@@ -399,17 +290,14 @@ def parse_size(text: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
-    components, scheduler = build_components(args.config, device)
+    components = build_components(args.config, device)
     build_s = time.perf_counter() - t0
     dtype = components.dtype
     tconfig = dict(components.transformer.config)
     factory = TransformerFactory(components.transformer)
     components.transformer = None  # each run below gets a fresh copy from the factory
     _free(device)
-    settings = [
-        dataclasses.replace(AccelerationConfig.parse(spec, device), cache_dir=args.compile_cache)
-        for spec in args.accelerations.split(",")
-    ]
+    settings = [optimize.resolve(AccelerationConfig.parse(spec), device) for spec in args.accelerations.split(",")]
     for config in settings:
         config.validate(device)
     levels = [AccelerationLevel(level) for level in args.levels.split(",")]
@@ -425,7 +313,7 @@ def run(args: argparse.Namespace) -> dict:
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "python": platform.python_version(),
-            "command": " ".join(["python -m flux.bench", *args.argv]),
+            "command": " ".join(["python -m measure.bench", *args.argv]),
             "build_s": build_s,
             "matmul": matmul,
             "repeats": args.repeats,
@@ -440,13 +328,11 @@ def run(args: argparse.Namespace) -> dict:
             entry = {
                 "size": list(size),
                 "steps": steps,
-                "tokens": {"noise": n, "context": n, "text": T5_MAX_TOKENS},
+                "tokens": {"noise": n, "context": n, "text": sampling.TEXT_TOKENS},
                 "flops_per_call": dataclasses.asdict(flops) | {"total": flops.total},
             }
             log(f"{size[0]}x{size[1]}, {steps} steps: diffusers baseline")
-            base = bench_baseline(
-                dataclasses.replace(components, transformer=factory()), scheduler, size, steps, args.repeats
-            )
+            base = bench_baseline(dataclasses.replace(components, transformer=factory()), size, steps, args.repeats)
             base["floor_s"] = base["transformer_calls"] * flops.total / matmul["flops_per_s"]
             base["ratio_to_floor"] = base["seconds"]["total"] / base["floor_s"]
             entry["baseline"] = base
@@ -456,7 +342,7 @@ def run(args: argparse.Namespace) -> dict:
                 torch._dynamo.reset()
                 transformer = factory()
                 graphs = _graphs()
-                prep = accelerate.prepare(transformer, config, shapes=[Shape(*size, *size)])
+                prep = optimize.optimize(transformer, config, args.compile_cache, shapes=[Shape(*size, *size)])
                 warm_up_compiles = _graphs() - graphs
                 editor = KontextEditor(dataclasses.replace(components, transformer=transformer))
                 for level in levels:

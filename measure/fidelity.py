@@ -1,7 +1,7 @@
 """What each acceleration costs in image quality: every level and TaylorSeer variant vs level none.
 
-    python -m flux.fidelity --weights tests/assets/proxy --quick
-    python -m flux.fidelity --weights weights/FLUX.1-Kontext-dev --size 1024 --json fidelity.json
+    python -m measure.fidelity --weights tests/assets/proxy --quick
+    python -m measure.fidelity --weights weights/FLUX.1-Kontext-dev --size 1024 --json fidelity.json
 
 For each edit case (prompt, context image, seed) the reference is level `none`; each variant runs
 the same case from the same noise and is compared with it:
@@ -14,7 +14,7 @@ the same case from the same noise and is compared with it:
 - calls: full transformer calls; probes: first-block runs of the adaptive level; speedup:
   steps / (calls + probes · FIRST_BLOCK_COST), the saving in transformer work on the real model.
 
-The cases are the proxy's synthetic edit task (flux.proxy) at --size pixels, or one --image with
+The cases are the proxy's synthetic edit task (measure.proxy) at --size pixels, or one --image with
 --prompt. Metrics are averaged over cases (extrapolation error: mean over all skipped steps, and
 the max). See FIDELITY.md for the measured table.
 """
@@ -36,17 +36,10 @@ from pathlib import Path
 import torch
 
 from flux import sampling
-from flux.accelerate import FP8_MIN_FEATURES, AccelerationConfig, apply, quantize_fp8
+from flux.optimize import FP8_MIN_FEATURES, AccelerationConfig, apply, quantize_fp8, resolve
 from flux.pipeline import KontextEditor
-from flux.taylor_seer_utils import (
-    LEVEL_DEFAULT_ORDER,
-    AccelerationLevel,
-    AdaptiveConfig,
-    Extrapolation,
-    Spacing,
-    TaylorSeerConfig,
-    generate_compute_step_map,
-)
+from flux.taylor_seer_utils import LEVEL_DEFAULT_ORDER, AccelerationLevel, generate_compute_step_map
+from measure.variants import AdaptiveConfig, FirstBlockPolicy, Method, SeerVariant, Spacing
 
 FIRST_BLOCK_COST = 1 / 57  # one of FLUX.1's 19 double + 38 single blocks (a double block costs more: a floor)
 
@@ -57,7 +50,7 @@ class Variant:
 
     name: str
     level: AccelerationLevel
-    seer: TaylorSeerConfig = TaylorSeerConfig()
+    seer: SeerVariant = SeerVariant()
     adaptive: AdaptiveConfig | None = None  # set: the first block decides every unprotected step (level unused)
     accelerations: str = "off"  # an AccelerationConfig.parse() spec applied to a copy of the transformer
     dtype: torch.dtype | None = None  # the copy's dtype; None: the editor's (fp8 implies bfloat16)
@@ -98,17 +91,17 @@ def seer_variants(level: AccelerationLevel) -> list[Variant]:
     """Every extrapolation variant worth measuring at a fixed level: order 1-3, steps vs times,
     recursion vs Newton (at order 1 the two methods are the same line)."""
     out = []
-    for method in Extrapolation:
+    for method in Method:
         for spacing in Spacing:
             for order in (1, 2, 3):
-                if method is Extrapolation.NEWTON and order == 1:
+                if method is Method.NEWTON and order == 1:
                     continue
-                seer = TaylorSeerConfig(order=order, spacing=spacing, method=method)
+                seer = SeerVariant(order=order, spacing=spacing, method=method)
                 out.append(Variant(f"{level.value} · {method.value}/{spacing.value} o{order}", level, seer))
     return out
 
 
-def adaptive_variants(seer: TaylorSeerConfig, thresholds: Sequence[float] = (0.02, 0.05, 0.1, 0.2)) -> list[Variant]:
+def adaptive_variants(seer: SeerVariant, thresholds: Sequence[float] = (0.02, 0.05, 0.1, 0.2)) -> list[Variant]:
     """The adaptive level at a few thresholds, deciding every middle step (level none's map)."""
     return [
         Variant(
@@ -126,7 +119,7 @@ def quick_variants() -> list[Variant]:
     the threshold where it makes as many calls as `go really fast`."""
     levels = [AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST]
     shipped = [Variant(f"{level.value} · default", level, default_seer(level)) for level in levels]
-    return shipped + adaptive_variants(TaylorSeerConfig(), [0.1])
+    return shipped + adaptive_variants(SeerVariant(), [0.1])
 
 
 def acceleration_variants(spec: str) -> list[Variant]:
@@ -165,38 +158,36 @@ def accelerated_copy(
     """A copy of `transformer` in the variant's dtype with its accelerations applied (the original
     is left as it is). fp8 on the CPU goes through _torchao_fp8_on_cpu(), without compile."""
     device = transformer.device
-    config = dataclasses.replace(
-        AccelerationConfig.parse(variant.accelerations, device), fp8_min_features=fp8_min_features
-    )
+    config = resolve(AccelerationConfig.parse(variant.accelerations), device)
     dtype = variant.dtype or (torch.bfloat16 if config.fp8 else transformer.dtype)
     model = copy.deepcopy(transformer).to(dtype)
     if config.fp8 and device.type == "cpu":
         if config.compile:
             raise ValueError(f"{variant.accelerations!r}: fp8 fidelity on the CPU runs without compile")
-        apply(model, dataclasses.replace(config, fp8=False))
+        apply(model, dataclasses.replace(config, fp8=None))
         with _torchao_fp8_on_cpu():
-            quantize_fp8(model, config.fp8_scope, fp8_min_features)
+            quantize_fp8(model, config.fp8, fp8_min_features)
     else:
-        apply(model, config)
+        apply(model, config, fp8_min_features=fp8_min_features)
     return model
 
 
-def default_seer(level: AccelerationLevel) -> TaylorSeerConfig:
+def default_seer(level: AccelerationLevel) -> SeerVariant:
     """The extrapolation the pipeline uses at `level` when the request names no order."""
-    return TaylorSeerConfig(order=LEVEL_DEFAULT_ORDER[level])
+    return SeerVariant(order=LEVEL_DEFAULT_ORDER[level])
 
 
 def all_variants() -> list[Variant]:
     variants = []
     for level in (AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST):
         variants += seer_variants(level)
-    variants += adaptive_variants(TaylorSeerConfig())
+    variants += adaptive_variants(SeerVariant())
     return variants
 
 
 def synthetic_cases(n: int, size: int, seed: int = 1234) -> list[EditCase]:
     """The proxy's edit task: n (prompt, context image, seed) cases drawn with a fixed seed."""
-    from flux.proxy import PROMPTS, make_examples
+    from measure.proxy import PROMPTS, make_examples
 
     ex = make_examples(torch.Generator("cpu").manual_seed(seed), n, size)
     return [EditCase(PROMPTS[int(ex.prompt_index[i])], ex.context[i : i + 1], seed + i) for i in range(n)]
@@ -250,63 +241,57 @@ class _Run:
 def _run(
     editor: KontextEditor, transformer: torch.nn.Module, inputs, timesteps, guidance: float, variant: Variant | None
 ) -> _Run:
+    """One trajectory through the serving loop (sampling.denoise) with the variant's compute policy and
+    extrapolation plugged in; the progress callback is the probe that measures each extrapolation."""
     if transformer.dtype != inputs.txt.dtype:
         dtype = transformer.dtype
         inputs = dataclasses.replace(
             inputs, context=inputs.context.to(dtype), txt=inputs.txt.to(dtype), vec=inputs.vec.to(dtype)
         )
     steps = len(timesteps) - 1
-    calls = probes = 0
+    calls = 0
     errors: list[float] = []
+    policy = None
     if variant is None:
-        step_map, seer, adaptive = [True] * steps, TaylorSeerConfig(), None
+        compute, seer = [True] * steps, SeerVariant()
     elif variant.adaptive is not None:
-        step_map, seer, adaptive = variant.adaptive.required_steps(steps), variant.seer, variant.adaptive
+        policy = FirstBlockPolicy(variant.adaptive, transformer, inputs, guidance, steps)
+        compute, seer = policy, variant.seer
     else:
-        step_map, seer, adaptive = generate_compute_step_map(variant.level, steps), variant.seer, None
+        compute, seer = generate_compute_step_map(variant.level, steps), variant.seer
 
-    def on_step(step: int, computed: bool) -> None:
-        nonlocal calls, probes
-        calls += computed
-        probes += adaptive is not None and not step_map[step]
+    def probe(step: sampling.Step) -> None:
+        nonlocal calls
+        calls += step.computed
+        if not step.computed:
+            truth = sampling.velocity(transformer, inputs, step.latents, step.t, guidance)
+            errors.append(_rel(step.velocity, truth))
 
-    def on_extrapolated(step: int, t: float, img: torch.Tensor, v: torch.Tensor) -> None:
-        errors.append(_rel(v, sampling.velocity(transformer, inputs, img, t, guidance)))
-
-    tokens = sampling.denoise(
-        transformer,
-        inputs,
-        timesteps,
-        guidance,
-        step_map,
-        seer=seer,
-        adaptive=adaptive,
-        on_step=on_step,
-        on_extrapolated=on_extrapolated,
-    )
+    tokens = sampling.denoise(transformer, inputs, timesteps, guidance, compute, seer, probe)
     latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
     pixels = ((editor.decode(latents).float() + 1) / 2).clamp(0, 1)
-    return _Run(latents, pixels, calls, probes, errors)
+    return _Run(latents, pixels, calls, policy.probes if policy else 0, errors)
 
 
 def run_fidelity(
     editor: KontextEditor,
     variants: Sequence[Variant],
     cases: Sequence[EditCase],
-    num_inference_steps: int = 28,
-    guidance: float = 2.5,
+    num_inference_steps: int = sampling.DEFAULT_STEPS,
+    guidance: float = sampling.DEFAULT_GUIDANCE,
     fp8_min_features: int = FP8_MIN_FEATURES,
 ) -> list[FidelityRow]:
     """Each variant vs level none on every case (same seed, same noise): one row per variant.
     Variants with accelerations or another dtype run on a copy of the transformer, one at a time."""
+    transformer = editor.components.transformer
     prepared = []
     for case in cases:
         txt, vec = editor.encode_prompt(case.prompt)
         context = editor.encode_image(case.image)
         _, _, h, w = case.image.shape
-        inputs = sampling.prepare(context, txt, vec, h // 8, w // 8, case.seed)
-        timesteps = sampling.get_schedule(num_inference_steps, inputs.noise.shape[1], editor.c.schedule)
-        reference = _run(editor, editor.c.transformer, inputs, timesteps, guidance, None)
+        inputs = sampling.kontext_inputs(context, txt, vec, h // 8, w // 8, case.seed)
+        timesteps = sampling.get_schedule(num_inference_steps, inputs.noise.shape[1], editor.schedule)
+        reference = _run(editor, transformer, inputs, timesteps, guidance, None)
         prepared.append((inputs, timesteps, reference))
 
     per_variant: dict[str, list[tuple[_Run, _Run]]] = {v.name: [] for v in variants}
@@ -314,16 +299,14 @@ def run_fidelity(
     for variant in variants:
         groups.setdefault((variant.accelerations, variant.dtype), []).append(variant)
     for (spec, dtype), group in groups.items():
-        off = AccelerationConfig.parse(spec, editor.c.device) == AccelerationConfig.off()
-        plain = off and dtype in (None, editor.c.dtype)
-        transformer = (
-            editor.c.transformer if plain else accelerated_copy(editor.c.transformer, group[0], fp8_min_features)
-        )
+        off = resolve(AccelerationConfig.parse(spec), transformer.device) == AccelerationConfig()
+        plain = off and dtype in (None, transformer.dtype)
+        model = transformer if plain else accelerated_copy(transformer, group[0], fp8_min_features)
         for inputs, timesteps, reference in prepared:
             for variant in group:
-                run = _run(editor, transformer, inputs, timesteps, guidance, variant)
+                run = _run(editor, model, inputs, timesteps, guidance, variant)
                 per_variant[variant.name].append((run, reference))
-        del transformer
+        del model
 
     rows = []
     for variant in variants:
@@ -337,7 +320,7 @@ def run_fidelity(
                 variant=variant.name,
                 level=variant.level.value if variant.adaptive is None else "adaptive",
                 accelerations=variant.accelerations,
-                dtype=str(variant.dtype or editor.c.dtype).removeprefix("torch."),
+                dtype=str(variant.dtype or transformer.dtype).removeprefix("torch."),
                 order=variant.seer.order,
                 spacing=variant.seer.spacing.value,
                 method=variant.seer.method.value,
@@ -382,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image size of the synthetic cases, pixels")
     parser.add_argument("--image", help="one input image instead of the synthetic cases (with --prompt)")
     parser.add_argument("--prompt", help="the instruction for --image")
-    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--steps", type=int, default=sampling.DEFAULT_STEPS)
     parser.add_argument("--seed", type=int, default=0, help="seed for --image")
     parser.add_argument("--device", default=None)
     parser.add_argument(
@@ -424,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = synthetic_cases(args.cases or (2 if args.quick else 8), args.size)
     variants = [] if args.only_accelerations else quick_variants() if args.quick else all_variants()
     specs = [s.strip() for s in args.accelerations.split(",") if s.strip()]
-    if any(AccelerationConfig.parse(s).fp8 for s in specs) and editor.c.dtype == torch.float32:
+    fp8 = any(resolve(AccelerationConfig.parse(s), editor.components.device).fp8 for s in specs)
+    if fp8 and editor.components.dtype == torch.float32:
         variants.append(bf16_variant())
     for spec in specs:
         variants += acceleration_variants(spec)

@@ -1,10 +1,10 @@
 """A small trained stand-in for FLUX.1 Kontext: real (learned, smooth) trajectories on CPU.
 
-    python -m flux.proxy OUTDIR
+    python -m measure.proxy OUTDIR
 
 Random-weight transformers are no use for measuring step caching: their output oscillates with the
 timestep, so every extrapolation looks bad. This module trains a small model with the real classes
-(diffusers' FluxTransformer2DModel and AutoencoderKL, the tiny text encoders of flux.tiny) on a
+(diffusers' FluxTransformer2DModel and AutoencoderKL, the tiny text encoders of flux.tiny's builder) on a
 synthetic editing task generated in code, and writes it in the diffusers layout that the strict
 loader reads:
 
@@ -18,13 +18,14 @@ loader reads:
   guidance embedding fed the default 2.5. Text encoders stay random and frozen.
 
 The result is not pretty and not a real editor; it has learned velocity fields, which is what the
-fidelity harness (flux.fidelity) needs. Everything is seeded: the same command gives the same
+fidelity harness (measure.fidelity) needs. Everything is seeded: the same command gives the same
 weights on the same machine and thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -35,9 +36,9 @@ from pathlib import Path
 import torch
 
 from flux import sampling
-from flux.model import FluxComponents
+from flux.model import RANDOM_WEIGHTS_MARKER, FluxComponents
 from flux.pipeline import KontextEditor
-from flux.tiny import RANDOM_WEIGHTS_MARKER, TinyConfig, build_tiny_pipeline
+from flux.tiny import SyntheticConfig, build_pipeline
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.9, 0.1, 0.1),
@@ -47,7 +48,7 @@ COLORS: dict[str, tuple[float, float, float]] = {
 }
 SHAPES = ("square", "circle")
 PROMPTS = [f"make the {shape} {color}" for shape in SHAPES for color in COLORS]
-GUIDANCE = 2.5  # the sampling default; the proxy is trained at this value only
+GUIDANCE = sampling.DEFAULT_GUIDANCE  # the proxy is trained at this value only
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,18 @@ class ProxyConfig:
 
     seed: int = 0
     image_size: int = 64  # pixels; 8×8 latents, 16 packed tokens for the noise and 16 for the context
-    num_layers: int = 2  # double-stream blocks
-    num_single_layers: int = 2  # single-stream blocks
-    num_attention_heads: int = 2
-    attention_head_dim: int = 32  # = sum(axes_dims_rope)
-    axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
+    # The transformer: 2 double- and 2 single-stream blocks, 2 heads × 32; a VAE of 4 levels of 8 channels
+    # with mid-block attention; text encoders as the tiny model's. No embedder gain: it is trained, so the
+    # default initialisation is the right start.
+    model: SyntheticConfig = SyntheticConfig(
+        num_layers=2,
+        num_single_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=32,
+        axes_dims_rope=(8, 12, 12),
+        vae_widths=(8, 8, 8, 8),
+        vae_mid_attention=True,
+    )
     vae_steps: int = 500  # phase 1: autoencoder iterations
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6  # keeps the posterior from collapsing to a point, barely
@@ -70,16 +78,8 @@ class ProxyConfig:
     text_tokens: int = 32  # T5 sequence length (512 in the real model)
     pool_size: int = 2048  # edit examples encoded once after phase 1, sampled for phase 2
 
-    def tiny_config(self) -> TinyConfig:
-        return TinyConfig(
-            seed=self.seed,
-            num_layers=self.num_layers,
-            num_single_layers=self.num_single_layers,
-            num_attention_heads=self.num_attention_heads,
-            attention_head_dim=self.attention_head_dim,
-            axes_dims_rope=self.axes_dims_rope,
-            conditioning_gain=1.0,  # trained, so the default initialisation is the right start
-        )
+    def model_config(self) -> SyntheticConfig:
+        return dataclasses.replace(self.model, seed=self.seed, conditioning_gain=1.0)
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,11 @@ def make_examples(generator: torch.Generator, n: int, size: int) -> EditExample:
 def _logit_normal_times(generator: torch.Generator, n: int, image_seq_len: int, schedule) -> torch.Tensor:
     """Training times like the sampler's: a logit-normal draw, time-shifted for the token count."""
     u = torch.sigmoid(torch.randn(n, generator=generator))
-    mu = schedule.mu(image_seq_len)
-    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    return sampling.time_shift(schedule.mu(image_seq_len), u)
 
 
 def _train_vae(editor: KontextEditor, cfg: ProxyConfig, generator: torch.Generator, log) -> None:
-    vae = editor.c.vae
+    vae = editor.components.vae
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     for it in range(cfg.vae_steps):
@@ -155,7 +154,7 @@ def _train_vae(editor: KontextEditor, cfg: ProxyConfig, generator: torch.Generat
 
 
 def _train_flow(editor: KontextEditor, cfg: ProxyConfig, generator: torch.Generator, log) -> None:
-    c = editor.c
+    c = editor.components
     latent = cfg.image_size // 8
     # Frozen text encoders: one embedding per prompt, computed once (cloned out of inference mode).
     embeds = [editor.encode_prompt(p) for p in PROMPTS]
@@ -170,6 +169,7 @@ def _train_flow(editor: KontextEditor, cfg: ProxyConfig, generator: torch.Genera
     n_tokens = ctx_pool.shape[1]
     img_ids = torch.cat([sampling.position_ids(latent, latent, 0), sampling.position_ids(latent, latent, 1)])
     txt_ids = torch.zeros(txt_all.shape[1], 3)
+    latent_size = dict(latent_height=latent, latent_width=latent)
 
     transformer = c.transformer
     transformer.train().requires_grad_(True)
@@ -184,18 +184,10 @@ def _train_flow(editor: KontextEditor, cfg: ProxyConfig, generator: torch.Genera
         idx = torch.randint(cfg.pool_size, (b,), generator=generator)
         x0, ctx, p = tgt_pool[idx], ctx_pool[idx], prompt_pool[idx]
         eps = torch.randn(x0.shape, generator=generator)
-        t = _logit_normal_times(generator, b, n_tokens, c.schedule)
+        t = _logit_normal_times(generator, b, n_tokens, editor.schedule)
         x_t = (1 - t.view(b, 1, 1)) * x0 + t.view(b, 1, 1) * eps
-        pred = transformer(
-            hidden_states=torch.cat([x_t, ctx], dim=1),
-            encoder_hidden_states=txt_all[p],
-            pooled_projections=vec_all[p],
-            timestep=t,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=torch.full((b,), GUIDANCE),
-            return_dict=False,
-        )[0][:, :n_tokens]
+        inputs = sampling.KontextInputs(eps, ctx, img_ids, txt_all[p], txt_ids, vec_all[p], **latent_size)
+        pred = transformer(**sampling.transformer_kwargs(inputs, x_t, t, GUIDANCE))[0][:, :n_tokens]
         loss = torch.nn.functional.mse_loss(pred, eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -209,19 +201,10 @@ def _train_flow(editor: KontextEditor, cfg: ProxyConfig, generator: torch.Genera
 
 def train_proxy(cfg: ProxyConfig = ProxyConfig(), log=print):
     """Build and train the proxy in memory; returns the diffusers FluxKontextPipeline holding it."""
-    pipe = build_tiny_pipeline(cfg.tiny_config())
+    pipe = build_pipeline(cfg.model_config())
     # The prompts are at most 15 T5 tokens: 32 instead of 512 makes training ten times cheaper.
     pipe.tokenizer_2.model_max_length = cfg.text_tokens
-    components = FluxComponents(
-        transformer=pipe.transformer,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        text_encoder_2=pipe.text_encoder_2,
-        tokenizer_2=pipe.tokenizer_2,
-        schedule=sampling.ScheduleConfig.from_scheduler_config(pipe.scheduler.config),
-        random_weights=False,
-    )
+    components = FluxComponents.from_pipeline(pipe, random_weights=False)
     for m in (pipe.text_encoder, pipe.text_encoder_2):
         m.requires_grad_(False)
     editor = KontextEditor(components)
@@ -247,7 +230,7 @@ def write_proxy(directory: str | Path, cfg: ProxyConfig = ProxyConfig(), log=pri
     seconds = time.perf_counter() - t0
     pipe.save_pretrained(directory, safe_serialization=True)
     # Not random, but not a real editor either: the marker keeps its outputs labelled as such.
-    info = {"what": "proxy FLUX.1 Kontext model trained on a synthetic edit task (flux.proxy)", "seed": cfg.seed}
+    info = {"what": "proxy FLUX.1 Kontext model trained on a synthetic edit task (measure.proxy)", "seed": cfg.seed}
     (directory / RANDOM_WEIGHTS_MARKER).write_text(json.dumps(info) + "\n")
     log(f"trained in {seconds:.0f} s")
     return directory

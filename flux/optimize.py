@@ -2,9 +2,10 @@
 
     fuse QKV projections → attention backend → fp8 linear layers → torch.compile
 
-`AccelerationConfig` says which are on; `apply()` applies them to a transformer; `prepare()` does
+`AccelerationConfig` says which are on; `apply()` applies them to a transformer; `optimize()` does
 what serving needs around it: load persisted compile artifacts, apply, warm up the served shapes,
-save the artifacts. With `AccelerationConfig.off()` the transformer is left exactly as loaded (the
+save the artifacts. "default" is resolved in one place (`resolve()`) from the transformer's own
+device. With `AccelerationConfig()` (everything off) the transformer is left exactly as loaded (the
 parity tests run that way).
 
 Optional dependencies (torchao for fp8, the attention libraries behind some diffusers backends) are
@@ -23,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -33,11 +35,12 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FP8_MIN_FEATURES = 1024
 """Linear layers narrower than this (in or out) stay in bf16: quantising their activations costs more
-than the smaller matmul saves."""
+than the smaller matmul saves. Only a small test model needs a lower value (apply()'s argument)."""
 
 ENV_ACCELERATIONS = "FLUX_ACCELERATIONS"
 ENV_COMPILE_CACHE = "FLUX_COMPILE_CACHE"
-DEFAULT_COMPILE_CACHE = Path("weights") / "compile-cache"
+COMPILE_CACHE_DIRNAME = "compile-cache"
+"""Compile artifacts live in the weights directory by default, so they ship with the weights."""
 
 
 class Fp8Scope(enum.StrEnum):
@@ -47,179 +50,160 @@ class Fp8Scope(enum.StrEnum):
     ALL = "all"  # the 19 double-stream blocks too
 
 
+class CompileScope(enum.StrEnum):
+    """What torch.compile compiles."""
+
+    # The repeated blocks only (19 double-stream and 38 single-stream, one compiled graph per block class:
+    # diffusers' compile_repeated_blocks). Compiles several times faster than the whole model, which is
+    # what a restart waits for; the embedders and the output layer stay eager.
+    REGIONAL = "regional"
+    WHOLE = "whole"
+
+
 @dataclass(frozen=True)
 class AccelerationConfig:
-    """Which accelerations `apply()` puts on the transformer. Every one is off by default."""
+    """Which accelerations `apply()` puts on the transformer; one field per acceleration, all off by default."""
 
+    # Fuse each attention's Q, K, V projections into one matmul (diffusers' fuse_qkv_projections); the
+    # separate weights are then dropped (4.3 GB in bf16 for FLUX.1).
     fuse_qkv: bool = False
-    """Fuse the Q, K and V projections of each attention into one matmul (diffusers'
-    fuse_qkv_projections). The separate Q, K, V weights are then dropped (4.3 GB in bf16 for FLUX.1)."""
+    # A diffusers attention backend (attention_dispatch.AttentionBackendName), e.g. "_native_cudnn",
+    # "_native_flash", "flash" (needs flash-attn), "sage" (needs sageattention); None: torch's SDPA.
+    attention: str | None = None
+    # torchao float8 dynamic-activation / float8-weight linear layers (per-row scales) in these blocks;
+    # never the norms' modulation or narrow layers. CUDA with compute capability 8.9+ (Ada, Hopper).
+    fp8: Fp8Scope | None = None
+    # torch.compile with dynamic shapes: the token count changes with the output and input sizes, and
+    # with static shapes every new size would be a recompile.
+    compile: CompileScope | None = None
+    compile_mode: str | None = None  # one of COMPILE_MODES; None is torch's default. Needs `compile`.
 
-    attention_backend: str | None = None
-    """A diffusers attention backend name (diffusers.models.attention_dispatch.AttentionBackendName),
-    e.g. "_native_cudnn", "_native_flash", "flash" (needs flash-attn), "_flash_3", "sage" (needs
-    sageattention). None keeps the library default (torch's scaled_dot_product_attention)."""
-
-    fp8: bool = False
-    """Float8 dynamic-activation, float8-weight linear layers (torchao, per-row scales). CUDA with
-    compute capability 8.9 or newer (Ada, Hopper) only."""
-
-    fp8_scope: Fp8Scope = Fp8Scope.SINGLE
-    """Which blocks get fp8 linear layers; norms' modulation layers and layers narrower than
-    fp8_min_features never do."""
-
-    fp8_min_features: int = FP8_MIN_FEATURES
-    """Linear layers with fewer input or output features stay in bf16. Only a small test model (the
-    fidelity proxy, 64-256 features wide) needs a lower value; it is not part of the parse() spec."""
-
-    compile: bool = False
-    """torch.compile the transformer."""
-
-    compile_regional: bool = False
-    """Compile only the repeated blocks (19 double-stream and 38 single-stream, one compiled graph per block
-    class: diffusers' compile_repeated_blocks) instead of the whole transformer. Compiles several times
-    faster, which is what a restart waits for; the embedders and the output layer stay eager."""
-
-    compile_mode: str | None = None
-    """torch.compile mode (one of COMPILE_MODES); None is torch's default."""
-
-    compile_dynamic: bool = True
-    """Compile with dynamic shapes. The token count changes with the output and input sizes; with
-    static shapes every new size is a recompile. Dynamic shapes compile once for all of them."""
-
-    compile_backend: str = "inductor"
-    """torch.compile backend; tests use "aot_eager" to check recompiles without code generation."""
-
-    cache_dir: Path | None = None
-    """Where compiled artifacts are persisted (torch.compiler.save_cache_artifacts) after warm-up and
-    loaded from at setup. None: nothing persisted. Only used with compile on."""
-
-    @classmethod
-    def off(cls) -> AccelerationConfig:
-        """Everything off: the transformer runs as loaded."""
-        return cls()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fp8", None if self.fp8 is None else Fp8Scope(self.fp8))
+        object.__setattr__(self, "compile", None if self.compile is None else CompileScope(self.compile))
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES[1:]}, got {self.compile_mode!r}")
+        if self.compile_mode is not None and self.compile is None:
+            raise ValueError("a compile mode needs compile on (compile or regional)")
 
     @classmethod
     def default_for(cls, device: str | torch.device) -> AccelerationConfig:
-        """What is on by default on `device`.
-
-        CUDA: torch.compile of the repeated blocks, with dynamic shapes (regional compilation: a
-        restart must be ready soon after the weights load, and compiling the whole model takes minutes;
-        whole-model compile is one switch away, "compile"). fp8 stays off: on the proxy it costs more
-        fidelity than TaylorSeer's skipped steps do (FIDELITY.md) and its speed-up is unmeasured. QKV
-        fusion and a non-default attention backend stay off until the GPU benchmark shows they pay.
-        None of this is measured on a GPU yet (BENCHMARKS.md). CPU: nothing (compiling takes minutes
-        here and gains little).
-        """
-        if torch.device(device).type == "cuda":
-            return cls(compile=True, compile_regional=True)
-        return cls.off()
+        """What "default" means on `device`: regional compile on CUDA (ready soon after the weights load;
+        why the others stay off is in the README), nothing on the CPU (compiling costs minutes there)."""
+        return cls(compile=CompileScope.REGIONAL) if torch.device(device).type == "cuda" else cls()
 
     @classmethod
-    def parse(cls, spec: str, device: str | torch.device = "cpu") -> AccelerationConfig:
-        """A config from a short spec: "off", "default" (default_for(device)), or names joined by "+":
-        fuse, fp8, fp8-all, compile, regional (compile the blocks only), attention=NAME, mode=NAME,
-        backend=NAME — e.g. "fuse+fp8+compile+attention=_native_cudnn"."""
+    def parse(cls, spec: str) -> Accelerations:
+        """A config from a spec: "off", "default" (returned as is, for resolve()), or names joined by "+":
+        fuse, attention=NAME, fp8, fp8-all, compile, regional, mode=NAME (alone, it implies compile)."""
         spec = spec.strip().lower()
-        if spec in ("", "off", "none"):
-            return cls.off()
-        if spec == "default":
-            return cls.default_for(device)
+        if spec in (DEFAULT, "", "off", "none"):
+            return DEFAULT if spec == DEFAULT else cls()
         fields: dict = {}
         for token in spec.split("+"):
-            name, _, value = token.strip().partition("=")
-            if name == "fuse" and not value:
-                fields["fuse_qkv"] = True
-            elif name == "fp8" and not value:
-                fields["fp8"] = True
-            elif name == "fp8-all" and not value:
-                fields.update(fp8=True, fp8_scope=Fp8Scope.ALL)
-            elif name == "compile" and not value:
-                fields["compile"] = True
-            elif name == "regional" and not value:
-                fields.update(compile=True, compile_regional=True)
-            elif name == "attention" and value:
-                fields["attention_backend"] = value
-            elif name == "mode" and value:
-                fields.update(compile=True, compile_mode=value)
-            elif name == "backend" and value:
-                fields.update(compile=True, compile_backend=value)
+            name, has_value, value = token.strip().partition("=")
+            if not has_value and name in _SWITCHES:
+                fields.update(_SWITCHES[name])
+            elif has_value and value and name in _VALUES:
+                fields[_VALUES[name]] = value
             else:
+                names = ", ".join([*_SWITCHES, *(f"{n}=NAME" for n in _VALUES)])
                 raise ValueError(
-                    f"unknown acceleration {token!r} in {spec!r}; use off, default, or fuse, fp8, fp8-all, compile, "
-                    "regional, attention=NAME, mode=NAME, backend=NAME joined by '+'"
+                    f"unknown acceleration {token!r} in {spec!r}; use off, default, or {names} joined by '+'"
                 )
+        if fields.get("compile_mode") and not fields.get("compile"):
+            fields["compile"] = CompileScope.WHOLE
         return cls(**fields)
 
-    @classmethod
-    def from_env(cls, device: str | torch.device | None = None) -> AccelerationConfig:
-        """The server's config: $FLUX_ACCELERATIONS (a parse() spec, default "default") and
-        $FLUX_COMPILE_CACHE (the artifact directory, default weights/compile-cache; "" for none).
-        `device` defaults to CUDA when there is one, as KontextEditor.from_pretrained does."""
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        config = cls.parse(os.environ.get(ENV_ACCELERATIONS, "default"), device)
-        cache = os.environ.get(ENV_COMPILE_CACHE, str(DEFAULT_COMPILE_CACHE))
-        return dataclasses.replace(config, cache_dir=Path(cache) if cache else None)
-
     def describe(self) -> str:
-        """The parse() spec of this config (without the cache directory)."""
-        parts = []
-        if self.fuse_qkv:
-            parts.append("fuse")
-        if self.attention_backend:
-            parts.append(f"attention={self.attention_backend}")
-        if self.fp8:
-            parts.append("fp8" if self.fp8_scope == Fp8Scope.SINGLE else "fp8-all")
-        if self.compile:
-            parts.append("regional" if self.compile_regional else "compile")
-            if self.compile_mode:
-                parts.append(f"mode={self.compile_mode}")
-            if self.compile_backend != "inductor":
-                parts.append(f"backend={self.compile_backend}")
+        """The parse() spec of this config."""
+        parts = [name for name, fields in _SWITCHES.items() if all(getattr(self, k) == v for k, v in fields.items())]
+        parts += [f"{name}={getattr(self, field)}" for name, field in _VALUES.items() if getattr(self, field)]
         return "+".join(parts) or "off"
 
     def validate(self, device: str | torch.device) -> None:
         """Raise ValueError for a setting that cannot work on `device`, before anything is changed."""
         device = torch.device(device)
-        if self.fp8:
-            if device.type != "cuda":
-                raise ValueError(f"fp8 needs a CUDA GPU with compute capability 8.9 or newer; the model is on {device}")
-            capability = torch.cuda.get_device_capability(device)
-            if capability < (8, 9):
-                major, minor = capability
-                raise ValueError(f"fp8 needs compute capability 8.9 or newer; this GPU has {major}.{minor}")
-        if self.attention_backend is not None:
+        if self.fp8 and device.type != "cuda":
+            raise ValueError(f"fp8 needs a CUDA GPU with compute capability 8.9 or newer; the model is on {device}")
+        if self.fp8 and (capability := torch.cuda.get_device_capability(device)) < (8, 9):
+            raise ValueError(f"fp8 needs compute capability 8.9 or newer; this GPU has {capability[0]}.{capability[1]}")
+        if self.attention is not None:
             from diffusers.models.attention_dispatch import AttentionBackendName
 
             names = sorted(b.value for b in AttentionBackendName)
-            if self.attention_backend not in names:
-                raise ValueError(f"unknown attention backend {self.attention_backend!r}; diffusers offers {names}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+            if self.attention not in names:
+                raise ValueError(f"unknown attention backend {self.attention!r}; diffusers offers {names}")
 
 
-def apply(transformer: torch.nn.Module, config: AccelerationConfig) -> torch.nn.Module:
-    """Apply `config` to `transformer` in place, in order: fuse → attention backend → fp8 → compile.
+# The spec's vocabulary, in the order describe() writes it: switches set fields, NAME=VALUE tokens set one.
+_SWITCHES: dict[str, dict] = {
+    "fuse": {"fuse_qkv": True},
+    "fp8": {"fp8": Fp8Scope.SINGLE},
+    "fp8-all": {"fp8": Fp8Scope.ALL},
+    "compile": {"compile": CompileScope.WHOLE},
+    "regional": {"compile": CompileScope.REGIONAL},
+}
+_VALUES: dict[str, str] = {"attention": "attention", "mode": "compile_mode"}
 
-    Returns the same module. torch.compile is lazy: the first call compiles (see warm_up()).
+DEFAULT: Literal["default"] = "default"
+Accelerations = AccelerationConfig | Literal["default"]
+"""What callers pass: a config, or "default" for AccelerationConfig.default_for(the model's device)."""
+
+
+def resolve(accelerations: Accelerations, device: str | torch.device) -> AccelerationConfig:
+    """The config `accelerations` means for a model on `device`: the one place "default" is decided."""
+    if accelerations == DEFAULT:
+        return AccelerationConfig.default_for(device)
+    if not isinstance(accelerations, AccelerationConfig):
+        raise TypeError(f"accelerations must be an AccelerationConfig or {DEFAULT!r}, got {accelerations!r}")
+    return accelerations
+
+
+def accelerations_from_env() -> Accelerations:
+    """The server's accelerations: $FLUX_ACCELERATIONS (a parse() spec), "default" when unset."""
+    return AccelerationConfig.parse(os.environ.get(ENV_ACCELERATIONS, DEFAULT))
+
+
+def compile_cache_from_env(weights_dir: str | Path) -> Path | None:
+    """Where the server keeps compile artifacts: $FLUX_COMPILE_CACHE, else the weights directory's
+    compile-cache/ (where the weight archives ship them); "" for nowhere."""
+    cache = os.environ.get(ENV_COMPILE_CACHE)
+    if cache is None:
+        return Path(weights_dir) / COMPILE_CACHE_DIRNAME
+    return Path(cache) if cache else None
+
+
+def apply(
+    transformer: torch.nn.Module,
+    accelerations: Accelerations,
+    *,
+    fp8_min_features: int = FP8_MIN_FEATURES,
+    compile_backend: str = "inductor",
+) -> AccelerationConfig:
+    """Apply `accelerations` to `transformer` in place, in order: fuse → attention backend → fp8 → compile.
+
+    Returns the resolved config. torch.compile is lazy: the first call compiles (see warm_up()). The
+    keyword arguments are for small test models (fp8 on narrow layers) and tests (a compile backend
+    without code generation).
     """
+    config = resolve(accelerations, transformer.device)
     config.validate(transformer.device)
     if config.fuse_qkv:
         transformer.fuse_qkv_projections()
         _drop_unfused_projections(transformer)
-    if config.attention_backend is not None:
-        transformer.set_attention_backend(config.attention_backend)
+    if config.attention is not None:
+        transformer.set_attention_backend(config.attention)
     if config.fp8:
-        quantize_fp8(transformer, config.fp8_scope, config.fp8_min_features)
+        quantize_fp8(transformer, config.fp8, fp8_min_features)
     if config.compile:
-        options = dict(mode=config.compile_mode, dynamic=config.compile_dynamic, backend=config.compile_backend)
-        if config.compile_regional:
+        options = dict(mode=config.compile_mode, dynamic=True, backend=compile_backend)
+        if config.compile is CompileScope.REGIONAL:
             transformer.compile_repeated_blocks(**options)
         else:
             transformer.compile(**options)
     logger.info("transformer accelerations: %s", config.describe())
-    return transformer
+    return config
 
 
 _UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
@@ -256,14 +240,19 @@ def quantize_fp8(
     transformer: torch.nn.Module, scope: Fp8Scope = Fp8Scope.SINGLE, min_features: int = FP8_MIN_FEATURES
 ) -> int:
     """Float8 dynamic-activation / float8-weight (per-row) linear layers via torchao; returns how many.
-    torchao's per-row fp8 takes bf16 weights only."""
+    torchao's per-row fp8 takes bf16 weights only.
+
+    torchao would also set process-wide inductor options it recommends (coordinate-descent tuning among
+    them, which makes every later compile slower); set_inductor_config=False leaves them as they are.
+    """
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as e:
         raise ImportError("fp8 needs torchao: pip install -r requirements-gpu.txt (torchao==0.18.0)") from e
     keep = fp8_filter(scope, min_features)
     count = sum(keep(m, n) for n, m in transformer.named_modules())
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=keep)
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(transformer, config, filter_fn=keep)
     logger.info("fp8 linear layers: %d (%s blocks)", count, scope.value)
     return count
 
@@ -297,7 +286,7 @@ def served_shapes() -> list[Shape]:
 
 
 @torch.inference_mode()
-def warm_up(transformer: torch.nn.Module, shapes: list[Shape], text_tokens: int = 512) -> float:
+def warm_up(transformer: torch.nn.Module, shapes: list[Shape], text_tokens: int = sampling.TEXT_TOKENS) -> float:
     """One transformer call per shape (random inputs), so compilation happens here and not in the
     first requests. Returns the seconds taken."""
     t0 = time.perf_counter()
@@ -310,8 +299,8 @@ def warm_up(transformer: torch.nn.Module, shapes: list[Shape], text_tokens: int 
         txt = torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=generator)
         vec = torch.randn(1, cfg.pooled_projection_dim, generator=generator)
         context, txt, vec = (x.to(device, dtype) for x in (context, txt, vec))
-        inputs = sampling.prepare(context, txt, vec, shape.height // 8, shape.width // 8, seed=0)
-        sampling.denoise(transformer, inputs, [1.0, 0.0], 2.5, [True])
+        inputs = sampling.kontext_inputs(context, txt, vec, shape.height // 8, shape.width // 8, seed=0)
+        sampling.velocity(transformer, inputs, inputs.noise, 1.0, sampling.DEFAULT_GUIDANCE)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -322,7 +311,9 @@ def warm_up(transformer: torch.nn.Module, shapes: list[Shape], text_tokens: int 
 # ---- persisted compile artifacts -------------------------------------------------------------------------
 
 
-def artifact_path(cache_dir: Path, transformer: torch.nn.Module, config: AccelerationConfig) -> Path:
+def artifact_path(
+    cache_dir: str | Path, transformer: torch.nn.Module, config: AccelerationConfig, compile_backend: str = "inductor"
+) -> Path:
     """The artifact file for this torch build, device, model config and acceleration config. Anything that
     changes the compiled code changes the name, so a stale artifact is never looked up."""
     device = transformer.device
@@ -332,7 +323,8 @@ def artifact_path(cache_dir: Path, transformer: torch.nn.Module, config: Acceler
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "dtype": str(transformer.dtype),
         "model": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
-        "accelerations": dataclasses.asdict(dataclasses.replace(config, cache_dir=None)),
+        "accelerations": dataclasses.asdict(config),
+        "compile_backend": compile_backend,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return Path(cache_dir) / f"transformer-{digest}.bin"
@@ -382,19 +374,26 @@ def save_artifacts(path: Path) -> bool:
     return True
 
 
-def prepare(
-    transformer: torch.nn.Module, config: AccelerationConfig, shapes: list[Shape] | None = None
+def optimize(
+    transformer: torch.nn.Module,
+    accelerations: Accelerations = DEFAULT,
+    cache_dir: str | Path | None = None,
+    shapes: list[Shape] | None = None,
+    **apply_options,
 ) -> dict[str, float]:
-    """Everything serving needs: load artifacts, apply `config`, warm up `shapes` (served_shapes() by
-    default) when compiling, save artifacts. Returns seconds per part."""
+    """Everything serving needs: load compile artifacts from `cache_dir`, apply the accelerations, warm up
+    `shapes` (served_shapes() by default) when compiling, save the artifacts there. Returns seconds per
+    part. `apply_options` go to apply()."""
     seconds: dict[str, float] = {}
-    path = artifact_path(config.cache_dir, transformer, config) if config.compile and config.cache_dir else None
-    if path is not None:
+    config = resolve(accelerations, transformer.device)
+    path = None
+    if config.compile and cache_dir is not None:
+        path = artifact_path(cache_dir, transformer, config, apply_options.get("compile_backend", "inductor"))
         t0 = time.perf_counter()
         load_artifacts(path)
         seconds["load_artifacts"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    apply(transformer, config)
+    apply(transformer, config, **apply_options)
     seconds["apply"] = time.perf_counter() - t0
     if config.compile:
         seconds["warm_up"] = warm_up(transformer, served_shapes() if shapes is None else shapes)

@@ -1,0 +1,1 @@
+"""Helpers of the Cog adapter (predict.py) that exist only because it runs inside Cog's server."""
