@@ -51,12 +51,14 @@ _PROGRESS_EVERY_S = 15.0
 # ---- what a complete weights directory is ---------------------------------------------------------------
 
 
-def missing_entries(directory: Path) -> list[str]:
+def missing_entries(directory: Path, verify_cache: bool = False) -> list[str]:
     """What `directory` lacks to be a complete diffusers-layout model, [] when complete.
 
     Complete means: model_index.json is readable, every component it names is a folder, and, where the
     directory came from packed archives, every file their manifests list is there at its size. Cheap (no
     file is read but the JSON), so setup can decide whether to fetch. The strict loader checks the rest.
+    Compile artifacts (compile-cache/) are checked only when `verify_cache` (right after a fetch): setup
+    rewrites them after its warm-up, and a cache that changed must not make the weights look incomplete.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -78,7 +80,7 @@ def missing_entries(directory: Path) -> list[str]:
     ]
     manifests = _read_manifests(directory)
     if manifests:
-        missing += _check_manifests(directory, manifests)
+        missing += _check_manifests(directory, manifests, verify_cache)
     return missing
 
 
@@ -92,7 +94,7 @@ def _read_manifests(directory: Path) -> list[dict]:
     return manifests
 
 
-def _check_manifests(directory: Path, manifests: list[dict]) -> list[str]:
+def _check_manifests(directory: Path, manifests: list[dict], verify_cache: bool) -> list[str]:
     """Problems with a packed directory: parts missing, from two packs, or files missing or of another size."""
     problems = []
     if any("unreadable" in m for m in manifests):
@@ -107,6 +109,8 @@ def _check_manifests(directory: Path, manifests: list[dict]) -> list[str]:
         problems.append(f"archive part(s) {', '.join(absent) or '?'} of {parts}")
     for manifest in manifests:
         for name, size in manifest.get("files", {}).items():
+            if not verify_cache and name.startswith(COMPILE_CACHE + "/"):
+                continue
             path = directory / name
             try:
                 actual = path.stat().st_size
@@ -295,7 +299,7 @@ def fetch_archives(urls: list[str], staging: Path, pget: str | None = None) -> P
         )
         _merge_into(part_dir, model, shown)
         part_dir.rmdir()
-    missing = missing_entries(model)
+    missing = missing_entries(model, verify_cache=True)
     if missing:
         which = ", ".join(redact(u) for u in urls)
         raise WeightsError(f"the archives at {which} are not a complete model: missing {', '.join(missing)}")

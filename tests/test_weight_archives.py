@@ -138,6 +138,11 @@ def test_compile_artifacts_ship_in_the_archive(source, tmp_path, server):
     model = wa.fetch_archives([server.put("/c.tar", packed.path.read_bytes())], tmp_path / "staging")
     assert (model / "compile-cache" / "transformer-abc.bin").read_bytes() == b"artifact"
     assert (model / "compile-cache" / "transformer-def.bin").read_bytes() == b"another"
+    # Setup rewrites artifacts after its warm-up: a changed cache does not make the weights look incomplete.
+    (model / "compile-cache" / "transformer-abc.bin").write_bytes(b"recompiled, longer")
+    (model / "compile-cache" / "transformer-def.bin").unlink()
+    assert wa.missing_entries(model) == []
+    assert len(wa.missing_entries(model, verify_cache=True)) == 2
     (elsewhere / "transformer-abc.bin").write_bytes(b"clash")
     with pytest.raises(WeightsError, match="compile-cache/transformer-abc.bin"):
         wa.pack(with_cache, tmp_path / "out2", compile_cache=elsewhere)
