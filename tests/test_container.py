@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 COG_YAML = yaml.safe_load((ROOT / "cog.yaml").read_text())
 TABLE = json.loads((ROOT / "deploy" / "cog-torch-compatibility.json").read_text())
 
-# cog.yaml keys documented by Cog 0.23 (docs/yaml.md) and not deprecated there; deprecated ones are
-# `predict` (now `run`), `concurrency` (now @cog.concurrent), build.python_packages and build.pre_install.
-TOP_KEYS = {"build", "image", "run"}
+# cog.yaml keys of Cog 0.23 (docs/yaml.md; `environment` is in its config schema) that it does not deprecate;
+# deprecated ones are `predict` (now `run`), `concurrency` (now @cog.concurrent), build.python_packages and
+# build.pre_install (pkg/config/validate.go, checkDeprecatedFields).
+TOP_KEYS = {"build", "environment", "image", "run"}
 BUILD_KEYS = {"cuda", "gpu", "python_requirements", "python_version", "run", "sdk_version", "system_packages"}
 
 
