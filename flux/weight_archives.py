@@ -20,6 +20,7 @@ Errors name the URL without its query string or credentials (signed URLs carry s
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -324,16 +325,24 @@ def _merge_into(src: Path, dst: Path, shown: str) -> None:
 
 
 def _fetch_with_pget(pget: str, url: str, dest: Path) -> None:
+    """`pget -x URL DEST` (pget creates DEST itself and refuses an existing one). Its output goes to the log as it
+    comes, with the URL redacted (pget quotes it whole); the last lines go into the error if it fails."""
     shown = redact(url)
+    tail: collections.deque[str] = collections.deque(maxlen=5)
     try:
-        # pget creates dest itself and refuses an existing one.
-        result = subprocess.run([pget, "-x", url, str(dest)], capture_output=True, text=True)
+        proc = subprocess.Popen(
+            [pget, "-x", url, str(dest)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
     except OSError as e:
         raise WeightsError(f"could not run {pget} to fetch {shown}: {e}") from e
-    if result.returncode != 0:
-        # pget's messages can quote the full URL: keep its last lines, with the URL redacted.
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:]).replace(url, shown)
-        raise WeightsError(f"could not fetch {shown} with pget (exit {result.returncode}): {tail}")
+    with proc:
+        for line in proc.stdout:
+            line = line.rstrip().replace(url, shown)
+            if line:
+                tail.append(line)
+                logger.info("pget: %s", line)
+    if proc.returncode != 0:
+        raise WeightsError(f"could not fetch {shown} with pget (exit {proc.returncode}): {' | '.join(tail)}")
     if not dest.is_dir():
         raise WeightsError(f"pget fetched {shown} but extracted nothing (is it a tar archive?)")
 
