@@ -311,17 +311,17 @@ def _tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def _merge_into(src: Path, dst: Path, shown: str) -> None:
+def _merge_into(src: Path, dst: Path, shown: str, prefix: str = "") -> None:
     """Move src's tree into dst. Archives may split a folder between them; the same file twice is an error."""
     for entry in sorted(src.iterdir()):
         target = dst / entry.name
         if not target.exists():
             entry.rename(target)
         elif entry.is_dir() and target.is_dir():
-            _merge_into(entry, target, shown)
+            _merge_into(entry, target, shown, f"{prefix}{entry.name}/")
             entry.rmdir()
         else:
-            raise WeightsError(f"{shown} holds {target.relative_to(dst.parent)} that an earlier archive also holds")
+            raise WeightsError(f"{shown} holds {prefix}{entry.name}, which an earlier archive also holds")
 
 
 def _fetch_with_pget(pget: str, url: str, dest: Path) -> None:

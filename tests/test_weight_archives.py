@@ -122,7 +122,7 @@ def test_a_missing_part_is_named(parts, server, tmp_path):
 
 def test_the_same_part_twice_is_refused(parts, server, tmp_path):
     url = server.put("/part-1.tar", parts[0])
-    with pytest.raises(WeightsError, match="an earlier archive also holds"):
+    with pytest.raises(WeightsError, match=r"holds \.flux-archive/part-001\.json, which an earlier archive also holds"):
         wa.fetch_archives([url, url], tmp_path / "staging")
 
 
