@@ -4,11 +4,13 @@ import logging
 import pathlib
 import shutil
 import tempfile
+import time
 
 from cog import BaseRunner, Input, Path
 
 from flux import images, optimize, sampling
 from flux.errors import InvalidInputError
+from flux.hardware import serving_device
 from flux.pipeline import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.weights import resolve_weights_dir
@@ -24,14 +26,20 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         # Input URLs get a total deadline and a size cap; failed fetches leave no file behind.
         downloads.limit_cog_downloads("input_image")
+        # The weights (fetched from $FLUX_WEIGHTS_URL or the hub when missing) and a GPU, unless they are a
+        # test model or FLUX_DEVICE=cpu; each logs what it found and how long it took.
+        weights = resolve_weights_dir()
+        device = serving_device(weights)
         # Accelerations from $FLUX_ACCELERATIONS (default: flux.optimize's defaults for the device); with
         # compile on, this also warms up every served shape and keeps the compiled artifacts with the weights.
-        weights = resolve_weights_dir()
+        t0 = time.perf_counter()
         self.editor = KontextEditor.from_pretrained(
             weights,
+            device=device,
             accelerations=optimize.accelerations_from_env(),
             compile_cache=optimize.compile_cache_from_env(weights),
         )
+        logging.info("setup: loaded and prepared the model on %s in %.1f s", device, time.perf_counter() - t0)
         self._last_output_dir: str | None = None
 
     def run(

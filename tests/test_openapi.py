@@ -1,0 +1,95 @@
+"""The OpenAPI document script/serve hands to coglet is complete, like the one `cog build` writes: the
+operations, the request and response shapes, and every reference resolvable. (That coglet serves it and
+validates with it is tested through the real server in test_deploy.py.)"""
+
+from __future__ import annotations
+
+import cog
+import pytest
+
+from script.openapi_schema import build_schema
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    return build_schema()
+
+
+def refs(node) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if "$ref" in node else []
+        return found + [r for value in node.values() for r in refs(value)]
+    if isinstance(node, list):
+        return [r for value in node for r in refs(value)]
+    return []
+
+
+def test_the_operations_are_cogs(schema):
+    operations = {(path, method) for path, item in schema["paths"].items() for method in item}
+    assert operations == {
+        ("/", "get"),
+        ("/health-check", "get"),
+        ("/predictions", "post"),
+        ("/predictions/{prediction_id}", "put"),
+        ("/predictions/{prediction_id}/cancel", "post"),
+        ("/shutdown", "post"),
+    }
+    ids = [op["operationId"] for item in schema["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids))
+    assert schema["paths"]["/predictions"]["post"]["operationId"] == "predict_predictions_post"
+    assert schema["openapi"] == "3.0.2" and schema["info"] == {"title": "Cog", "version": cog.__version__}
+
+
+def test_predictions_take_a_request_and_answer_a_response_or_422(schema):
+    for path, method in [("/predictions", "post"), ("/predictions/{prediction_id}", "put")]:
+        op = schema["paths"][path][method]
+        assert op["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/PredictionRequest"
+        }
+        assert op["responses"]["200"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/PredictionResponse"
+        }
+        assert op["responses"]["422"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/HTTPValidationError"
+        }
+    cancel = schema["paths"]["/predictions/{prediction_id}/cancel"]["post"]
+    assert cancel["parameters"][0]["name"] == "prediction_id" and cancel["parameters"][0]["in"] == "path"
+
+
+def test_the_components(schema):
+    components = schema["components"]["schemas"]
+    request, response = components["PredictionRequest"]["properties"], components["PredictionResponse"]["properties"]
+    assert request["input"] == {"$ref": "#/components/schemas/Input"}
+    assert {"id", "webhook", "webhook_events_filter"} <= set(request)
+    assert response["input"] == {"$ref": "#/components/schemas/Input"}
+    assert response["output"] == {"$ref": "#/components/schemas/Output"}
+    assert {"id", "status", "error", "logs", "metrics", "created_at", "started_at", "completed_at"} <= set(response)
+    assert components["Status"]["enum"] == ["starting", "processing", "succeeded", "canceled", "failed"]
+    assert components["ValidationError"]["required"] == ["loc", "msg", "type"]
+    assert components["Output"] == {"title": "Output", "type": "string", "format": "uri"}
+    assert components["Input"]["required"] == ["prompt", "input_image"]
+
+
+def test_every_reference_resolves_and_stands_alone(schema):
+    components = schema["components"]["schemas"]
+    for ref in refs(schema):
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in components, ref
+
+    def check(node):  # OpenAPI 3.0 allows no sibling keywords next to $ref
+        if isinstance(node, dict):
+            assert "$ref" not in node or set(node) == {"$ref"}, node
+            for value in node.values():
+                check(value)
+        elif isinstance(node, list):
+            for value in node:
+                check(value)
+
+    check(schema)
+
+
+def test_choices_are_enumerations_and_optional_inputs_nullable(schema):
+    props = schema["components"]["schemas"]["Input"]["properties"]
+    assert props["aspect_ratio"]["allOf"] == [{"$ref": "#/components/schemas/aspect_ratio"}]
+    assert "title" not in props["aspect_ratio"]  # as Cog's generator: the enumeration carries it
+    assert props["seed"]["nullable"] is True and props["seed"]["default"] is None
+    assert [p["x-order"] for p in props.values()] == list(range(len(props)))
