@@ -47,7 +47,7 @@ from flux.pipeline import EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
 from flux.tiny import FULL, TINY, build_pipeline
 from measure import bench_table
-from measure.records import Budget, RowWriter, environment, run_id
+from measure.records import Budget, RowWriter, environment, exit_at_deadline, run_id
 
 PROMPT = "make the car red"
 SEED = 0
@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    exit_at_deadline()
     if not args.size and not args.megapixels:
         args.size = [(1024, 1024)]
     if args.repeats < 1:

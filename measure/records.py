@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -71,6 +72,27 @@ def read_rows(*paths: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 print(f"skipping an incomplete line in {path}", file=sys.stderr)
     return rows
+
+
+ENV_DEADLINE_AT = "BENCH_DEADLINE_AT"
+"""Epoch seconds at which a measuring process ends itself (set by measure.kit)."""
+
+
+def exit_at_deadline() -> None:
+    """End this process at $BENCH_DEADLINE_AT, whatever it is doing, when that is set. The kit that started it
+    stops it earlier; this is for when the kit itself was stopped: a process left running on a lent GPU would
+    hold its memory and its compute through the next command. Rows written so far are already on disk."""
+    value = os.environ.get(ENV_DEADLINE_AT)
+    if not value:
+        return
+
+    def stop() -> None:
+        print(f"{ENV_DEADLINE_AT} reached: exiting; the rows written so far are kept", file=sys.stderr, flush=True)
+        os._exit(124)
+
+    timer = threading.Timer(max(float(value) - time.time(), 0.0), stop)
+    timer.daemon = True
+    timer.start()
 
 
 class Budget:
