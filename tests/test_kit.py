@@ -143,6 +143,7 @@ def test_missing_libraries_without_carried_wheels_say_what_to_do(tmp_path):
     bare.chmod(0o755)
     env = dict(os.environ, PYTHON=str(bare), OUT=str(tmp_path / "out"), BENCH_WHEELS=str(tmp_path / "none"))
     env["BENCH_SITE"] = str(tmp_path / "site")
+    env.pop("PYTHONPATH", None)
     proc = subprocess.run(
         [str(ROOT / "script" / "bench-gpu"), "3"], env=env, capture_output=True, text=True, timeout=60
     )
