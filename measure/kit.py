@@ -16,7 +16,7 @@ Parts, on the full-size model with random weights built on one CUDA GPU, 1024² 
 
 Each part runs in fresh processes with empty compiler caches (as a new container starts), streams its output
 to OUT/bench-gpu.log and writes its rows to OUT/partN.jsonl as they are measured. A command has a deadline
-(--deadline-s, default 570 s for a 600 s command); each part gets a hard time limit within it, leaving what the
+(--deadline-s, default 540 s for a 600 s command); each part gets a hard time limit within it, leaving what the
 later parts of the same command need, and a budget after which it starts no new row. A part killed at its
 limit keeps every row it finished. The tables for the parts run are printed at the end (measure.bench_table).
 """
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("BENCH_WORK", "/tmp/flux-bench"),
         help="compile artifacts and compiler caches (large; not under --out)",
     )
-    parser.add_argument("--deadline-s", type=float, help="seconds for the whole command (GPU 570, smoke 1200)")
+    parser.add_argument("--deadline-s", type=float, help="seconds for the whole command (GPU 540, smoke 1200)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     names = args.parts or (list(SMOKE_PARTS) if args.smoke else [])
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
     if args.deadline_s is None:
-        args.deadline_s = 1200.0 if args.smoke else 570.0
+        args.deadline_s = 1200.0 if args.smoke else 540.0
     problem = preflight(args, names)
     if problem:
         print(f"bench-gpu: {problem}", file=sys.stderr)
