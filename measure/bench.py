@@ -1,37 +1,41 @@
 """Speed benchmark: our TaylorSeer levels × acceleration settings, against diffusers' eager
 FluxKontextPipeline on the same weights in the same process, and against the arithmetic floor.
 
-    python -m measure.bench --config tiny --steps 10 --size 64x48 --json out/bench-tiny.json     # CPU smoke
-    python -m measure.bench --config full --accelerations off,compile,fp8+compile --json out/bench.json  # GPU
+    python -m measure.bench --config tiny --steps 10 --size 64x48 --jsonl out/bench-tiny.jsonl   # CPU
+    python -m measure.bench --config full --accelerations off,regional,fp8+regional --jsonl out/bench.jsonl  # GPU
 
 `tiny` is flux.tiny's random model (CPU). `full` builds the FLUX.1 Kontext dimensions with random weights
 directly on the GPU (no download): timings are real, images are noise. Every edit is match_input_image-like:
 the context image and the output have the same size, so a 1024×1024 edit has 4096 noise + 4096 context +
 512 text tokens.
 
-For each size × steps × acceleration setting × level it reports seconds per phase (text, image, denoise,
+For each acceleration setting × size × steps × level it reports seconds per phase (text, image, denoise,
 decode) and end to end (median of --repeats), transformer calls, peak memory, compiles during the timed runs,
 the cost of a skipped step relative to a computed one, and ratios to the baseline and to the floor. The floor
 is transformer calls × FLOPs per call (from the config and token counts) / the matmul rate measured in this run.
+
+Each result is a JSON line written as soon as it is measured (measure.records), so a run stopped at a time
+limit keeps what it finished; --budget makes it start nothing new after that many seconds. A setting that
+cannot run on this device (fp8 on a CPU) is recorded as skipped; one that fails is recorded as an error and
+the run goes on with the next. `python -m measure.bench_table FILE...` turns the lines into tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
+import gc
+import itertools
 import math
-import platform
 import resource
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import PIL.Image
 import torch
 from torch._dynamo.utils import counters
@@ -42,6 +46,8 @@ from flux.optimize import AccelerationConfig, Shape
 from flux.pipeline import EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
 from flux.tiny import FULL, TINY, build_pipeline
+from measure import bench_table
+from measure.records import Budget, RowWriter, environment, exit_at_deadline, run_id
 
 PROMPT = "make the car red"
 SEED = 0
@@ -107,11 +113,11 @@ def measure_matmul_rate(device: torch.device, dtype: torch.dtype) -> dict:
         a @ b
     best = math.inf
     for _ in range(runs):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(per_run):
             a @ b
-        _sync(device)
+        sync(device)
         best = min(best, (time.perf_counter() - t0) / per_run)
     return {"shape": [m, k, n], "dtype": str(dtype), "flops_per_s": 2 * m * k * n / best}
 
@@ -134,27 +140,49 @@ def build_components(config: str, device: torch.device) -> FluxComponents:
     raise ValueError(f"unknown config {config!r}")
 
 
-class TransformerFactory:
-    """Fresh copies of one transformer's weights, so each acceleration setting starts from the same
-    eager model (fusion, fp8 and compile change the module in place). The weights wait on the CPU."""
+class TransformerSource:
+    """The transformer for each acceleration setting in turn, each starting from the same eager weights.
+
+    Fusion, fp8 and compile change the module in place, so a setting that follows one of them needs a fresh
+    copy. The weights are copied to the CPU (24 GB for FLUX.1 in bf16, several seconds each way) only when a
+    later setting will need them pristine: a plan whose settings leave the model as loaded, or that has one
+    setting, never pays for the copy.
+    """
 
     def __init__(self, transformer: torch.nn.Module):
         self.cls, self.config = type(transformer), dict(transformer.config)
         self.device, self.dtype = transformer.device, transformer.dtype
-        self.state = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
+        self._live: torch.nn.Module | None = transformer
+        self._pristine = True
+        self._state: dict[str, torch.Tensor] | None = None
 
-    def __call__(self) -> torch.nn.Module:
+    def get(self, modifies: bool, needed_later: bool) -> torch.nn.Module:
+        """The eager transformer; `modifies`: the caller will change it; `needed_later`: a later caller
+        needs it unchanged. Drop every reference to the previous one first: two may not fit in memory."""
+        if not self._pristine:
+            self._restore()
+        if modifies and needed_later and self._state is None:
+            self._state = {k: v.detach().to("cpu", copy=True) for k, v in self._live.state_dict().items()}
+        if modifies:
+            self._pristine = False
+        return self._live
+
+    def _restore(self) -> None:
+        assert self._state is not None, "a modified transformer was asked for again without a pristine copy"
+        self._live = None
+        free_memory(self.device)
         with torch.device("meta"):
             transformer = self.cls.from_config(self.config).to(self.dtype)
         transformer = transformer.to_empty(device=self.device)
-        transformer.load_state_dict(self.state)
-        return transformer.eval().requires_grad_(False)
+        transformer.load_state_dict(self._state)
+        self._live = transformer.eval().requires_grad_(False)
+        self._pristine = True
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -174,8 +202,14 @@ def _peak_memory(device: torch.device) -> dict:
     }
 
 
-def _graphs() -> int:
+def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sample_image(width: int, height: int) -> PIL.Image.Image:
@@ -192,7 +226,7 @@ def step_costs(editor: KontextEditor, request: EditRequest, size: tuple[int, int
     marks: list[tuple[float, bool]] = []
 
     def on_step(step: sampling.Step) -> None:
-        _sync(device)
+        sync(device)
         marks.append((time.perf_counter(), step.computed))
 
     editor.edit_at_size(request, size, size, on_step)
@@ -207,30 +241,40 @@ def step_costs(editor: KontextEditor, request: EditRequest, size: tuple[int, int
 
 
 def bench_ours(
-    editor: KontextEditor, level: AccelerationLevel, size: tuple[int, int], steps: int, repeats: int
+    editor: KontextEditor,
+    level: AccelerationLevel,
+    size: tuple[int, int],
+    steps: int,
+    repeats: int,
+    step_probe: bool = True,
 ) -> dict:
+    """One untimed edit, then the median of `repeats` timed ones; with `step_probe`, one more edit timed
+    step by step when the level skips steps (at `none` there is no skipped step to compare)."""
     device = editor.components.device
     request = EditRequest(PROMPT, sample_image(*size), num_inference_steps=steps, seed=SEED, acceleration=level)
     editor.edit_at_size(request, size, size)  # untimed: first-run allocations, lazy initialisation
-    graphs = _graphs()
+    graphs = graphs_compiled()
     _reset_peak(device)
     runs = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         result = editor.edit_at_size(request, size, size)
-        _sync(device)
+        sync(device)
         runs.append((time.perf_counter() - t0, result))
     total, result = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    step_map = generate_compute_step_map(level, steps)
     out = {
         "level": level.value,
         "seconds": {**result.seconds, "total": total},
+        "all_totals": sorted(r[0] for r in runs),
         "transformer_calls": result.transformer_calls,
-        "expected_calls": sum(generate_compute_step_map(level, steps)),
+        "expected_calls": sum(step_map),
         **_peak_memory(device),
-        "recompiles": _graphs() - graphs,
+        "recompiles": graphs_compiled() - graphs,
     }
-    out.update(step_costs(editor, request, size))
+    if step_probe and not all(step_map):
+        out.update(step_costs(editor, request, size))
     return out
 
 
@@ -263,14 +307,19 @@ def bench_baseline(components: FluxComponents, size: tuple[int, int], steps: int
         times = []
         for _ in range(repeats):
             calls = 0
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(SEED))
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t0)
     finally:
         hook.remove()
-    return {"seconds": {"total": statistics.median(times)}, "transformer_calls": calls, **_peak_memory(device)}
+    return {
+        "seconds": {"total": statistics.median(times)},
+        "all_totals": sorted(times),
+        "transformer_calls": calls,
+        **_peak_memory(device),
+    }
 
 
 def megapixel_size(megapixels: float) -> tuple[int, int]:
@@ -281,129 +330,212 @@ def megapixel_size(megapixels: float) -> tuple[int, int]:
 
 def parse_size(text: str) -> tuple[int, int]:
     w, _, h = text.lower().partition("x")
-    size = int(w), int(h)
+    try:
+        size = int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
     if any(n <= 0 or n % 16 for n in size):
         raise argparse.ArgumentTypeError(f"size {text!r}: width and height must be positive multiples of 16")
     return size
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    t0 = time.perf_counter()
-    components = build_components(args.config, device)
-    build_s = time.perf_counter() - t0
-    dtype = components.dtype
-    tconfig = dict(components.transformer.config)
-    factory = TransformerFactory(components.transformer)
-    components.transformer = None  # each run below gets a fresh copy from the factory
-    _free(device)
-    settings = [optimize.resolve(AccelerationConfig.parse(spec), device) for spec in args.accelerations.split(",")]
-    for config in settings:
-        config.validate(device)
-    levels = [AccelerationLevel(level) for level in args.levels.split(",")]
-    sizes = [megapixel_size(float(mp)) for mp in args.megapixels.split(",")] if args.megapixels else args.size
-    steps_list = [int(s) for s in str(args.steps).split(",")]
-    matmul = measure_matmul_rate(device, dtype)
-    report = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "config": args.config,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "dtype": str(dtype),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "python": platform.python_version(),
-            "command": " ".join(["python -m measure.bench", *args.argv]),
-            "build_s": build_s,
-            "matmul": matmul,
-            "repeats": args.repeats,
-            "random_weights": True,
-        },
-        "results": [],
-    }
-    for size in sizes:
-        n = (size[0] // 16) * (size[1] // 16)
-        flops = transformer_flops(tconfig, image_tokens=2 * n)
-        for steps in steps_list:
-            entry = {
-                "size": list(size),
-                "steps": steps,
-                "tokens": {"noise": n, "context": n, "text": sampling.TEXT_TOKENS},
-                "flops_per_call": dataclasses.asdict(flops) | {"total": flops.total},
-            }
-            log(f"{size[0]}x{size[1]}, {steps} steps: diffusers baseline")
-            base = bench_baseline(dataclasses.replace(components, transformer=factory()), size, steps, args.repeats)
-            base["floor_s"] = base["transformer_calls"] * flops.total / matmul["flops_per_s"]
-            base["ratio_to_floor"] = base["seconds"]["total"] / base["floor_s"]
-            entry["baseline"] = base
-            entry["runs"] = []
-            for config in settings:
-                _free(device)
-                torch._dynamo.reset()
-                transformer = factory()
-                graphs = _graphs()
-                prep = optimize.optimize(transformer, config, args.compile_cache, shapes=[Shape(*size, *size)])
-                warm_up_compiles = _graphs() - graphs
-                editor = KontextEditor(dataclasses.replace(components, transformer=transformer))
-                for level in levels:
-                    log(f"{size[0]}x{size[1]}, {steps} steps: {config.describe()}, {level.value}")
-                    r = bench_ours(editor, level, size, steps, args.repeats)
-                    r["accelerations"] = config.describe()
-                    r["prepare_s"] = prep
-                    r["compiles_in_warm_up"] = warm_up_compiles
-                    r["floor_s"] = r["transformer_calls"] * flops.total / matmul["flops_per_s"]
-                    r["ratio_to_floor"] = r["seconds"]["total"] / r["floor_s"]
-                    r["denoise_ratio_to_floor"] = r["seconds"]["denoise"] / r["floor_s"]
-                    r["speedup_vs_baseline"] = base["seconds"]["total"] / r["seconds"]["total"]
-                    entry["runs"].append(r)
-                del editor, transformer
-            report["results"].append(entry)
-    return report
+@dataclass(frozen=True)
+class Case:
+    """One size × step count: its tokens and the FLOPs of one transformer call, shared by its rows."""
+
+    size: tuple[int, int]
+    steps: int
+    flops: Flops
+
+    def __str__(self) -> str:
+        return f"{self.size[0]}x{self.size[1]}, {self.steps} steps"
+
+    def fields(self) -> dict:
+        n = (self.size[0] // 16) * (self.size[1] // 16)
+        return {
+            "size": list(self.size),
+            "steps": self.steps,
+            "tokens": {"noise": n, "context": n, "text": sampling.TEXT_TOKENS},
+            "flops_per_call": dataclasses.asdict(self.flops) | {"total": self.flops.total},
+        }
 
 
-def _free(device: torch.device) -> None:
-    import gc
+class Run:
+    """One benchmark run: the plan from the command line, the model, and the rows written so far."""
 
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    def __init__(self, args: argparse.Namespace, writer: RowWriter):
+        self.args, self.writer = args, writer
+        self.budget = Budget(args.budget)
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.levels = [AccelerationLevel(level.strip()) for level in args.levels.split(",")]
+        self.sizes = [megapixel_size(float(mp)) for mp in args.megapixels.split(",")] if args.megapixels else args.size
+        self.steps = [int(s) for s in str(args.steps).split(",")]
+        self.specs = [spec.strip() for spec in args.accelerations.split(",") if spec.strip()]
+        self.baselines: dict[tuple, dict] = {}
+        self.errors = 0
+
+    def __call__(self) -> int:
+        """Measure the plan, writing each row as it is measured. Returns the number of errors."""
+        self._meta()
+        self._build()
+        for case in self.cases if self.args.baseline else []:
+            self._baseline(case)
+        for index, spec in enumerate(self.specs):
+            if self.budget.exhausted():
+                self.writer.write("skipped", accelerations=spec, reason=self.budget.reason())
+                continue
+            try:
+                config = optimize.resolve(AccelerationConfig.parse(spec), self.device)
+                config.validate(self.device)
+            except ValueError as e:
+                log(f"{spec}: skipped, not possible here: {e}")
+                self.writer.write("skipped", accelerations=spec, reason=f"not possible here: {e}")
+                continue
+            self._setting(spec, config, needed_later=index < len(self.specs) - 1)
+        self.writer.write("end", elapsed_s=self.budget.elapsed(), errors=self.errors)
+        return self.errors
+
+    def _meta(self) -> None:
+        args = self.args
+        self.writer.write(
+            "meta",
+            **environment(self.device),
+            config=args.config,
+            command=" ".join(["python -m measure.bench", *args.argv]),
+            plan={
+                "accelerations": self.specs,
+                "levels": [level.value for level in self.levels],
+                "sizes": [list(s) for s in self.sizes],
+                "steps": self.steps,
+                "repeats": args.repeats,
+                "baseline": args.baseline,
+                "step_probe": args.step_probe,
+                "warm_up": args.warm_up,
+                "compile_backend": args.compile_backend,
+                "budget_s": args.budget,
+            },
+            random_weights=True,
+        )
+
+    def _build(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            components = build_components(self.args.config, self.device)
+        except Exception as e:
+            self._error("build", e)
+            raise
+        build_s = time.perf_counter() - t0
+        tconfig = dict(components.transformer.config)
+        matmul = measure_matmul_rate(self.device, components.dtype)
+        self.rate = matmul["flops_per_s"]
+        self.writer.write(
+            "build",
+            build_s=build_s,
+            dtype=str(components.dtype),
+            matmul=matmul,
+            parameters={
+                name: sum(p.numel() for p in getattr(components, name).parameters())
+                for name in ("transformer", "text_encoder_2", "text_encoder", "vae")
+            },
+        )
+        log(f"built the {self.args.config} model in {build_s:.1f} s; matmul {self.rate / 1e12:.3g} TFLOP/s")
+        self.source = TransformerSource(components.transformer)
+        self.components = dataclasses.replace(components, transformer=None)  # each use takes it from `source`
+        self.cases = [
+            Case(size, steps, transformer_flops(tconfig, image_tokens=2 * (size[0] // 16) * (size[1] // 16)))
+            for size in self.sizes
+            for steps in self.steps
+        ]
+
+    def _error(self, stage: str, error: BaseException, **fields) -> None:
+        """An error row, and the traceback in the log: the run goes on with what it can still measure."""
+        traceback.print_exc(file=sys.stderr)
+        self.writer.write("error", stage=stage, error=f"{type(error).__name__}: {error}", **fields)
+        self.errors += 1
+
+    def _baseline(self, case: Case) -> None:
+        if self.budget.exhausted():
+            self.writer.write("skipped", **case.fields(), accelerations="diffusers eager", reason=self.budget.reason())
+            return
+        log(f"{case}: diffusers baseline")
+        try:
+            components = dataclasses.replace(
+                self.components, transformer=self.source.get(modifies=False, needed_later=True)
+            )
+            base = bench_baseline(components, case.size, case.steps, self.args.repeats)
+        except Exception as e:
+            self._error("diffusers baseline", e, **case.fields())
+            return
+        finally:
+            components = None
+            free_memory(self.device)
+        base["floor_s"] = base["transformer_calls"] * case.flops.total / self.rate
+        base["ratio_to_floor"] = base["seconds"]["total"] / base["floor_s"]
+        self.baselines[case.size, case.steps] = self.writer.write(
+            "baseline", **case.fields(), accelerations="diffusers eager", level="none", **base
+        )
+
+    def _setting(self, spec: str, config: AccelerationConfig, needed_later: bool) -> None:
+        """Every case × level of one acceleration setting, on a fresh eager transformer."""
+        name = config.describe()
+        torch._dynamo.reset()
+        free_memory(self.device)
+        # Compiled settings warm up every size of the run before timing (one compilation serves them all),
+        # or the shapes the server serves when the run times what its setup() does.
+        shapes = None if self.args.warm_up == "served" else [Shape(*c.size, *c.size) for c in self.cases]
+        log(f"{name}: applying and warming up")
+        try:
+            transformer = self.source.get(modifies=config != AccelerationConfig(), needed_later=needed_later)
+            graphs = graphs_compiled()
+            prepare = optimize.optimize(
+                transformer, config, self.args.compile_cache, shapes=shapes, compile_backend=self.args.compile_backend
+            )
+            warm_up_compiles = graphs_compiled() - graphs
+        except Exception as e:
+            self._error("prepare", e, accelerations=name, spec=spec)
+            return
+        log(f"{name}: prepared in {sum(prepare.values()):.1f} s ({warm_up_compiles} graphs compiled)")
+        editor = KontextEditor(dataclasses.replace(self.components, transformer=transformer))
+        for case, level in itertools.product(self.cases, self.levels):
+            if self.budget.exhausted():
+                self.writer.write(
+                    "skipped", **case.fields(), accelerations=name, level=level.value, reason=self.budget.reason()
+                )
+                continue
+            log(f"{case}, {name}, {level.value}")
+            try:
+                r = bench_ours(editor, level, case.size, case.steps, self.args.repeats, self.args.step_probe)
+            except Exception as e:
+                self._error("run", e, **case.fields(), accelerations=name, level=level.value)
+                free_memory(self.device)
+                continue
+            r["floor_s"] = r["transformer_calls"] * case.flops.total / self.rate
+            r["ratio_to_floor"] = r["seconds"]["total"] / r["floor_s"]
+            r["denoise_ratio_to_floor"] = r["seconds"]["denoise"] / r["floor_s"]
+            base = self.baselines.get((case.size, case.steps))
+            if base is not None:
+                r["speedup_vs_baseline"] = base["seconds"]["total"] / r["seconds"]["total"]
+            self.writer.write(
+                "run",
+                **case.fields(),
+                accelerations=name,
+                spec=spec,
+                prepare_s=prepare,
+                compiles_in_warm_up=warm_up_compiles,
+                **r,
+            )
+
+
+_STARTED = time.perf_counter()
 
 
 def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    """Progress on stderr, with seconds since the process imported this module (the log of a GPU run is
+    often all there is to tell where the time went)."""
+    print(f"[bench {time.perf_counter() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def format_table(report: dict) -> str:
-    """A markdown table of the report, one line per baseline and per setting × level."""
-    rate = report["meta"]["matmul"]["flops_per_s"]
-    lines = [
-        f"matmul rate {rate / 1e12:.3g} TFLOP/s ({report['meta']['matmul']['dtype']}), {report['meta']['device']}",
-        "",
-        "| size | steps | accelerations | level | calls | text s | image s | denoise s | decode s | total s "
-        "| × floor | speedup vs diffusers | skipped/computed step | peak GiB | recompiles | prepare s |",
-        "|" + " --- |" * 16,
-    ]
-    gib = 2**30
-    for e in report["results"]:
-        size, b = f"{e['size'][0]}x{e['size'][1]}", e["baseline"]
-        lines.append(
-            f"| {size} | {e['steps']} | diffusers eager | none | {b['transformer_calls']} | | | | "
-            f"| {b['seconds']['total']:.3f} | {b['ratio_to_floor']:.1f} | 1.00 | "
-            f"| {b['peak_memory_bytes'] / gib:.2f} | | |"
-        )
-        for r in e["runs"]:
-            s = r["seconds"]
-            skip = f"{r['skip_cost_ratio']:.3f}" if r.get("skip_cost_ratio") is not None else ""
-            lines.append(
-                f"| {size} | {e['steps']} | {r['accelerations']} | {r['level']} | {r['transformer_calls']} "
-                f"| {s['text']:.3f} | {s['image']:.3f} | {s['denoise']:.3f} | {s['decode']:.3f} | {s['total']:.3f} "
-                f"| {r['ratio_to_floor']:.1f} | {r['speedup_vs_baseline']:.2f} | {skip} "
-                f"| {r['peak_memory_bytes'] / gib:.2f} | {r['recompiles']} | {sum(r['prepare_s'].values()):.1f} |"
-            )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
@@ -417,24 +549,62 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--size", type=parse_size, action="append", help="WIDTHxHEIGHT (repeatable); default 1024x1024")
     group.add_argument("--megapixels", help="comma-separated square sizes in megapixels, e.g. 0.25,1,2")
-    parser.add_argument("--repeats", type=int, default=3, help="timed edits per setting; the median is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed edits per row; the median is reported")
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time diffusers' eager FluxKontextPipeline on the same weights first (default: on)",
+    )
+    parser.add_argument(
+        "--step-probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one extra edit per level that skips steps, timed step by step: a skipped vs a computed step",
+    )
+    parser.add_argument(
+        "--warm-up",
+        choices=["run", "served"],
+        default="run",
+        help="shapes compiled settings warm up before timing: this run's sizes, or every shape the server "
+        "serves (as its setup() does; with --compile-cache, the artifacts a restart loads)",
+    )
     parser.add_argument(
         "--compile-cache",
         type=Path,
-        help="persist compile artifacts here, as the server does; run twice to time a warm restart (prepare_s)",
+        help="load and save compile artifacts here, as the server does (see measure.restart for a warm restart)",
     )
-    parser.add_argument("--json", type=Path, help="write the full report here")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend; 'eager' traces and guards like inductor without generating code (CPU tests)",
+    )
+    parser.add_argument(
+        "--budget", type=float, help="seconds after which no new row is started; the rows finished are kept"
+    )
+    parser.add_argument("--jsonl", type=Path, help="append each row here as a JSON line, as soon as it is measured")
+    parser.add_argument("--part", help="a label for every row (the GPU kit's part)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    exit_at_deadline()
     if not args.size and not args.megapixels:
         args.size = [(1024, 1024)]
-    report = run(args)
-    print(format_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"wrote {args.json}")
-    return 0
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    common = {"run_id": run_id()} | ({"part": args.part} if args.part else {})
+    with RowWriter(args.jsonl, **common) as writer:
+        errors = Run(args, writer)()
+    print(bench_table.render(writer.rows))
+    if args.jsonl:
+        log(f"wrote {len(writer.rows)} rows to {args.jsonl}")
+    if errors:
+        log(f"{errors} error(s): see the error rows and the tracebacks above")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -1,17 +1,15 @@
 """The benchmark: FLOP counting (against torch's own counter and the full model's known figure), the
-full-size model's dimensions without allocating it, and a CPU smoke run of the whole command."""
-
-import json
-import math
+full-size model's dimensions without allocating it, rows written as they are measured, the time budget, and
+settings that cannot run here. The whole plan runs on the CPU in tests/test_kit.py."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flux import sampling
-from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
 from flux.tiny import FULL, build_pipeline
 from measure import bench
+from measure.records import RowWriter, read_rows
 
 
 def test_full_model_flops_per_call_at_one_megapixel():
@@ -66,31 +64,59 @@ def test_megapixel_sizes():
     assert bench.megapixel_size(2) == (1456, 1456)
 
 
-def test_tiny_smoke_run(tmp_path, capsys):
-    """The CI smoke test: every level with accelerations off and with QKV fusion, baseline included."""
-    out = tmp_path / "bench.json"
-    steps = 10
-    args = ["--config", "tiny", "--steps", str(steps), "--size", "64x48", "--repeats", "1"]
-    assert bench.main([*args, "--accelerations", "off,fuse", "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["meta"]["matmul"]["flops_per_s"] > 0
-    assert "--config tiny" in report["meta"]["command"]
-    (entry,) = report["results"]
-    assert entry["tokens"] == {"noise": 12, "context": 12, "text": 512}
-    base = entry["baseline"]
-    assert base["transformer_calls"] == steps
-    assert base["floor_s"] > 0 and math.isfinite(base["ratio_to_floor"])
-    runs = {(r["accelerations"], r["level"]): r for r in entry["runs"]}
-    assert set(runs) == {(a, level.value) for a in ("off", "fuse") for level in AccelerationLevel}
-    for (_, level), r in runs.items():
-        assert r["transformer_calls"] == r["expected_calls"] == sum(generate_compute_step_map(level, steps))
-        assert r["floor_s"] == pytest.approx(
-            r["transformer_calls"] * entry["flops_per_call"]["total"] / report["meta"]["matmul"]["flops_per_s"]
-        )
-        assert r["speedup_vs_baseline"] > 0 and r["ratio_to_floor"] > 0
-        assert set(r["seconds"]) == {"text", "image", "denoise", "decode", "total"}
-        assert r["recompiles"] == 0 and r["peak_memory_bytes"] > 0
-        if level != "none":
-            assert r["skip_cost_ratio"] is not None and r["skip_cost_ratio"] >= 0
-    table = capsys.readouterr().out
-    assert "diffusers eager" in table and "go really fast" in table
+def test_budget_spent_skips_every_row_and_keeps_the_rest(tmp_path, capsys):
+    """With no time left, the run still writes what it ran on and what it left out, and succeeds."""
+    out = tmp_path / "rows.jsonl"
+    args = ["--config", "tiny", "--steps", "10", "--size", "64x48", "--repeats", "1", "--budget", "0"]
+    assert bench.main([*args, "--accelerations", "off,fuse", "--jsonl", str(out), "--part", "x"]) == 0
+    rows = read_rows(out)
+    assert [r["kind"] for r in rows] == ["meta", "build", "skipped", "skipped", "skipped", "end"]
+    assert all(r["part"] == "x" and r["run_id"] == rows[0]["run_id"] for r in rows)
+    meta = rows[0]
+    assert meta["config"] == "tiny" and "--budget 0" in meta["command"]
+    assert meta["versions"]["diffusers"] and meta["torch"] == torch.__version__
+    assert rows[1]["matmul"]["flops_per_s"] > 0
+    assert "time budget" in rows[2]["reason"] and rows[2]["accelerations"] == "diffusers eager"
+    assert {r["accelerations"] for r in rows[3:5]} == {"off", "fuse"}
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_a_setting_that_cannot_run_here_is_skipped_and_the_others_run(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    args = ["--config", "tiny", "--steps", "10", "--size", "32x32", "--repeats", "1", "--no-baseline"]
+    assert bench.main([*args, "--levels", "go really fast", "--accelerations", "fp8,fuse", "--jsonl", str(out)]) == 0
+    rows = read_rows(out)
+    (skipped,) = [r for r in rows if r["kind"] == "skipped"]
+    assert skipped["accelerations"] == "fp8" and "needs a CUDA GPU" in skipped["reason"]
+    (run,) = [r for r in rows if r["kind"] == "run"]
+    assert run["accelerations"] == "fuse" and run["transformer_calls"] == run["expected_calls"]
+    assert run["skip_cost_ratio"] >= 0 and "speedup_vs_baseline" not in run
+    assert rows[-1] == rows[-1] | {"kind": "end", "errors": 0}
+
+
+def test_each_setting_starts_from_the_same_eager_weights():
+    transformer = build_pipeline().transformer
+    original = {k: v.clone() for k, v in transformer.state_dict().items()}
+    source = bench.TransformerSource(transformer)
+    assert source.get(modifies=False, needed_later=True) is transformer
+    assert source._state is None  # nothing changed it: no copy was needed
+    first = source.get(modifies=True, needed_later=True)
+    with torch.no_grad():
+        next(first.parameters()).add_(1.0)  # as fusion, fp8 or compile change it in place
+    first = None
+    second = source.get(modifies=True, needed_later=False)
+    assert second is not transformer
+    for k, v in second.state_dict().items():
+        torch.testing.assert_close(v, original[k], rtol=0, atol=0)
+
+
+def test_rows_are_on_disk_as_soon_as_they_are_written(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    writer = RowWriter(path, run_id="r")
+    writer.write("meta", device="cpu")
+    writer.write("run", seconds={"total": 1.0})
+    assert [r["kind"] for r in read_rows(path)] == ["meta", "run"]  # before close(): a killed run keeps them
+    with path.open("a") as f:
+        f.write('{"kind": "run", "seconds": {"tot')  # a line cut off when the process was killed
+    assert len(read_rows(path)) == 2
+    writer.close()

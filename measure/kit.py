@@ -1,0 +1,470 @@
+"""The GPU measurement kit: the speed figures BENCHMARKS.md lacks, in parts that each fit one command on a
+GPU lent for minutes (script/bench-gpu is the entry point).
+
+    python -m measure.kit 1                  # a part, or several in order: python -m measure.kit 2 4
+    python -m measure.kit --smoke            # the same plan on the tiny model on the CPU (the tests run it)
+
+Parts, on the full-size model with random weights built on one CUDA GPU, 1024² output and context, 28 steps:
+
+    1  diffusers' eager FluxKontextPipeline (bf16) against ours, eager, at none / go fast / go really fast
+    2  regional compile (the server's GPU default) at the three levels, warming up every served shape and
+       saving the compile artifacts, as the server's setup() does
+    3  fp8 linear layers + regional compile, single-stream blocks and all blocks, at none and go really fast
+    4  warm restart: setup() in a fresh process with part 2's artifacts (a cold process first if there are none)
+    5  resolution scaling, 0.25 / 1 / 2 MP, for the server's default setting
+    6  (optional) QKV fusion, and the cuDNN attention backend, with regional compile
+
+Each part runs in fresh processes with empty compiler caches (as a new container starts), streams its output
+to OUT/bench-gpu.log and writes its rows to OUT/partN.jsonl as they are measured. A command has a deadline
+(--deadline-s, default 540 s for a 600 s command); each part gets a hard time limit within it, leaving what the
+later parts of the same command need, and a budget after which it starts no new row. A part killed at its
+limit keeps every row it finished. The tables for the parts run are printed at the end (measure.bench_table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from measure import bench_table
+from measure.records import ENV_DEADLINE_AT, PACKAGES, RowWriter, nvidia_smi, package_version, read_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_NAME = "bench-gpu.log"
+CACHE = "{cache}"  # placeholder in the arguments for the compile-artifact directory shared by parts 2 and 4
+
+ALL_LEVELS = "none,go fast,go really fast"
+NONE_AND_FASTEST = "none,go really fast"
+SERVER_DEFAULT_GPU = bench_table.SERVER_DEFAULT_GPU  # regional; a test checks it against flux.optimize
+
+_FULL = ("--config", "full", "--steps", "28")
+_TINY = ("--config", "tiny", "--steps", "10", "--repeats", "1")
+_EAGER_BACKEND = ("--compile-backend", "eager")  # on the CPU: dynamo's tracing and guards, no code generation
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the plan: the tool it runs, its arguments on the GPU and in the CPU smoke run, and time."""
+
+    name: str
+    title: str
+    module: str  # measure.bench or measure.restart
+    gpu_args: tuple[str, ...]
+    smoke_args: tuple[str, ...]
+    estimate_s: int  # expected seconds on one H100 (model build, compile and warm-up included)
+    reserve_s: int  # the least it needs to give its main figure: kept free for it when an earlier part runs
+    tail_s: int  # the longest single step it may start (a compile, one row): budget = limit - tail
+    limit_s: int = 480  # hard limit of the part on its own
+    fresh_compile_cache: bool = False  # start with no saved artifacts (part 2 times a cold compile)
+
+
+PARTS: dict[str, Part] = {
+    p.name: p
+    for p in [
+        Part(
+            "1",
+            "diffusers eager vs ours eager, three levels",
+            "measure.bench",
+            (*_FULL, "--size", "1024x1024", "--accelerations", "off", "--levels", ALL_LEVELS, "--repeats", "3"),
+            (*_TINY, "--size", "64x48", "--accelerations", "off", "--levels", ALL_LEVELS),
+            estimate_s=240,
+            reserve_s=180,
+            tail_s=60,
+        ),
+        Part(
+            "2",
+            f"{SERVER_DEFAULT_GPU} compile, three levels, artifacts saved",
+            "measure.bench",
+            (
+                *_FULL,
+                "--size",
+                "1024x1024",
+                "--accelerations",
+                SERVER_DEFAULT_GPU,
+                "--levels",
+                ALL_LEVELS,
+                "--repeats",
+                "3",
+                "--no-baseline",
+                "--warm-up",
+                "served",
+                "--compile-cache",
+                CACHE,
+            ),
+            (
+                *_TINY,
+                *_EAGER_BACKEND,
+                "--size",
+                "64x48",
+                "--accelerations",
+                SERVER_DEFAULT_GPU,
+                "--levels",
+                ALL_LEVELS,
+                "--no-baseline",
+                "--compile-cache",
+                CACHE,
+            ),
+            estimate_s=270,
+            reserve_s=240,
+            tail_s=60,
+            fresh_compile_cache=True,
+        ),
+        Part(
+            "3",
+            "fp8 (single-stream / all blocks) + regional compile, none and go really fast, peak memory",
+            "measure.bench",
+            (
+                *_FULL,
+                "--size",
+                "1024x1024",
+                "--accelerations",
+                f"fp8+{SERVER_DEFAULT_GPU},fp8-all+{SERVER_DEFAULT_GPU}",
+                "--levels",
+                NONE_AND_FASTEST,
+                "--repeats",
+                "2",
+                "--no-baseline",
+                "--no-step-probe",
+            ),
+            (
+                *_TINY,
+                *_EAGER_BACKEND,
+                "--size",
+                "64x48",
+                "--accelerations",
+                f"fp8+{SERVER_DEFAULT_GPU},fp8-all+{SERVER_DEFAULT_GPU}",
+                "--levels",
+                NONE_AND_FASTEST,
+                "--no-baseline",
+                "--no-step-probe",
+            ),
+            estimate_s=360,
+            reserve_s=300,
+            tail_s=180,
+        ),
+        Part(
+            "4",
+            "warm restart: setup() with saved compile artifacts in a fresh process",
+            "measure.restart",
+            (
+                "--config",
+                "full",
+                "--accelerations",
+                SERVER_DEFAULT_GPU,
+                "--compile-cache",
+                CACHE,
+                "--shapes",
+                "served",
+                "--edit-size",
+                "1024x1024",
+                "--steps",
+                "28",
+            ),
+            (
+                "--config",
+                "tiny",
+                *_EAGER_BACKEND,
+                "--accelerations",
+                SERVER_DEFAULT_GPU,
+                "--compile-cache",
+                CACHE,
+                "--shapes",
+                "64x48",
+                "--edit-size",
+                "64x48",
+                "--steps",
+                "10",
+            ),
+            estimate_s=90,  # with part 2's artifacts; about 270 when a cold process must save them first
+            reserve_s=150,
+            tail_s=0,
+            limit_s=420,
+        ),
+        Part(
+            "5",
+            f"resolution scaling, 0.25 / 1 / 2 MP, {SERVER_DEFAULT_GPU}",
+            "measure.bench",
+            (
+                *_FULL,
+                "--megapixels",
+                "0.25,1,2",
+                "--accelerations",
+                SERVER_DEFAULT_GPU,
+                "--levels",
+                NONE_AND_FASTEST,
+                "--repeats",
+                "2",
+                "--no-baseline",
+                "--no-step-probe",
+            ),
+            (
+                *_TINY,
+                *_EAGER_BACKEND,
+                "--size",
+                "64x64",
+                "--size",
+                "128x128",
+                "--size",
+                "176x176",
+                "--accelerations",
+                SERVER_DEFAULT_GPU,
+                "--levels",
+                NONE_AND_FASTEST,
+                "--no-baseline",
+                "--no-step-probe",
+            ),
+            estimate_s=300,
+            reserve_s=240,
+            tail_s=90,
+        ),
+        Part(
+            "6",
+            "optional: QKV fusion, cuDNN attention, with regional compile",
+            "measure.bench",
+            (
+                *_FULL,
+                "--size",
+                "1024x1024",
+                "--accelerations",
+                f"fuse+{SERVER_DEFAULT_GPU},{SERVER_DEFAULT_GPU}+attention=_native_cudnn",
+                "--levels",
+                NONE_AND_FASTEST,
+                "--repeats",
+                "2",
+                "--no-baseline",
+                "--no-step-probe",
+            ),
+            (
+                *_TINY,
+                *_EAGER_BACKEND,
+                "--size",
+                "64x48",
+                # the CPU has no cuDNN: torch's own SDPA backend stands in for it
+                "--accelerations",
+                f"fuse+{SERVER_DEFAULT_GPU},{SERVER_DEFAULT_GPU}+attention=native",
+                "--levels",
+                NONE_AND_FASTEST,
+                "--no-baseline",
+                "--no-step-probe",
+            ),
+            estimate_s=360,
+            reserve_s=300,
+            tail_s=180,
+        ),
+    ]
+}
+SMOKE_PARTS = ("1", "2", "3", "4", "5")
+"""The plan the smoke run covers; part 6 is optional on the GPU (`script/bench-gpu smoke 6` runs its CPU stand-in)."""
+
+
+class Kit:
+    """Runs parts in order within one command's deadline, each in fresh processes, logging everything."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.work = Path(args.work)
+        self.cache = self.work / "compile-cache"
+        self.start = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log_file = (self.out / LOG_NAME).open("a", encoding="utf-8")
+        self.failures = 0
+
+    def say(self, message: str) -> None:
+        line = f"[kit {time.perf_counter() - self.start:6.1f} s] {message}"
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def remaining(self) -> float:
+        return self.args.deadline_s - (time.perf_counter() - self.start)
+
+    def run(self, names: list[str]) -> int:
+        for i, name in enumerate(names):
+            part = PARTS[name]
+            jsonl = self.out / f"part{name}.jsonl"
+            if self.args.smoke:  # the GPU's time limits mean nothing on the CPU: only the deadline counts
+                later, limit, least = 0, self.remaining(), 1
+            else:
+                later = sum(PARTS[n].reserve_s for n in names[i + 1 :])
+                limit, least = min(part.limit_s, self.remaining() - later), part.reserve_s / 2
+            if limit < least:
+                self.say(f"part {name}: not started, {self.remaining():.0f} s left in this command ({later} s kept)")
+                with RowWriter(jsonl, part=name) as w:
+                    w.write("part", process="not started", returncode=None, seconds=0, limit_s=limit, budget_s=None)
+                self.failures += 1
+                continue
+            self.say(f"part {name}: {part.title} (about {part.estimate_s} s on one H100; limit {limit:.0f} s)")
+            if part.fresh_compile_cache:
+                shutil.rmtree(self.cache, ignore_errors=True)
+            if part.module == "measure.restart":
+                self._restart_part(part, jsonl, limit)
+            else:
+                budget = max(limit - part.tail_s, limit / 2)
+                self._process(part, "bench", [*self._args(part), "--budget", f"{budget:.0f}"], jsonl, limit, budget)
+        files = [self.out / f"part{n}.jsonl" for n in names if (self.out / f"part{n}.jsonl").exists()]
+        if files:
+            table = bench_table.render(read_rows(*files))
+            print(table, flush=True)
+            self.log_file.write(table + "\n")
+        self.say(f"done: {len(names)} part(s), {self.failures} with a failure; rows in {self.out}/part*.jsonl")
+        self.log_file.close()
+        return 1 if self.failures else 0
+
+    def _args(self, part: Part) -> list[str]:
+        args = part.smoke_args if self.args.smoke else part.gpu_args
+        return [str(self.cache) if a == CACHE else a for a in args] + ["--part", part.name]
+
+    def _restart_part(self, part: Part, jsonl: Path, limit: float) -> None:
+        """A cold process first when no artifacts were saved (it compiles and saves them), then the restart."""
+        deadline = time.perf_counter() + limit
+        if not any(self.cache.glob("transformer-*.bin")):
+            self.say("no compile artifacts saved yet: a cold process compiles and saves them first")
+            cold_limit = limit - min(part.reserve_s, limit / 2)
+            self._process(part, "restart (cold)", self._args(part), jsonl, cold_limit, None)
+        self._process(part, "restart", self._args(part), jsonl, deadline - time.perf_counter(), None)
+
+    def _process(self, part: Part, label: str, args: list[str], jsonl: Path, limit: float, budget) -> None:
+        """Run one tool in a fresh process with empty compiler caches; stream its output; stop it at `limit`."""
+        tag = f"part{part.name}-{label.replace(' ', '-').replace('(', '').replace(')', '')}"
+        caches = {
+            "TORCHINDUCTOR_CACHE_DIR": self.work / f"inductor-{tag}",
+            "TRITON_CACHE_DIR": self.work / f"triton-{tag}",
+        }
+        for path in caches.values():
+            shutil.rmtree(path, ignore_errors=True)
+        argv = [sys.executable, "-m", part.module, *args, "--jsonl", str(jsonl)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{k: str(v) for k, v in caches.items()})
+        env["BENCH_LAUNCHED_AT"] = repr(time.time())
+        # The process ends itself a little after the kit would have stopped it, should the kit be stopped first.
+        env[ENV_DEADLINE_AT] = repr(time.time() + max(limit, 1) + 20)
+        self.say(f"part {part.name}: {' '.join(argv[1:])}")
+        t0 = time.perf_counter()
+        # Its own process group, so that stopping it stops the compiler's workers too; the same session, so that
+        # whatever stops this command stops it as well (a new session could outlive the command on a lent GPU).
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, process_group=0
+        )
+        reader = threading.Thread(target=self._copy, args=(proc.stdout,), daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=max(limit, 1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.say(
+                f"part {part.name}: {label} reached its limit of {limit:.0f} s; stopping it (rows so far are kept)"
+            )
+            _stop(proc)
+        reader.join(timeout=30)
+        seconds = time.perf_counter() - t0
+        for path in caches.values():
+            shutil.rmtree(path, ignore_errors=True)
+        if proc.returncode != 0 or timed_out:
+            self.failures += 1
+        self.say(
+            f"part {part.name}: {label} {'timed out' if timed_out else f'exit {proc.returncode}'} in {seconds:.0f} s"
+        )
+        with RowWriter(jsonl, part=part.name) as w:
+            w.write(
+                "part",
+                process=label,
+                returncode=proc.returncode,
+                timed_out=timed_out,
+                seconds=seconds,
+                limit_s=limit,
+                budget_s=budget,
+                kit_command=" ".join(["python -m measure.kit", *self.args.argv]),
+            )
+
+    def _copy(self, stream: IO[str]) -> None:
+        for line in stream:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            self.log_file.write(line)
+            self.log_file.flush()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the part's process group (the compiler's worker processes too), SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def preflight(args: argparse.Namespace, names: list[str]) -> str | None:
+    """What stops the parts before they start (a missing GPU or library), as a message; None when all is there.
+    Cheap on purpose: on a lent GPU, a broken environment should cost seconds, not a model build."""
+    lines = [f"python {sys.version.split()[0]} ({sys.executable})"]
+    lines += [f"{name} {package_version(name) or 'MISSING'}" for name in ("torch", *PACKAGES)]
+    smi = nvidia_smi()
+    if smi:
+        lines.append(f"{smi['gpu']}, driver {smi['driver']}, {smi['gpu_memory']}")
+    print("environment: " + "; ".join(lines), flush=True)
+    missing = [name for name in ("diffusers",) if importlib.util.find_spec(name) is None]
+    if not args.smoke and "3" in names and importlib.util.find_spec("torchao") is None:
+        missing.append("torchao")
+    if missing:
+        return (
+            f"{', '.join(missing)} not importable by {sys.executable}. On a machine with network run "
+            "script/fetch-wheels, bring .whl/ along with the working tree, and start the kit with script/bench-gpu, "
+            "which installs the wheels it finds there."
+        )
+    if not args.smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "parts 1-6 need a CUDA GPU (the full-size model is ~34 GB in bf16); on the CPU run the smoke plan"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", help=f"parts to run, in order: {', '.join(PARTS)} (smoke: all)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="the tiny model on the CPU instead of the full one on a GPU"
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT") or "out", help="where rows and the log go ($OUT)")
+    parser.add_argument(
+        "--work",
+        default=os.environ.get("BENCH_WORK", "/tmp/flux-bench"),
+        help="compile artifacts and compiler caches (large; not under --out)",
+    )
+    parser.add_argument("--deadline-s", type=float, help="seconds for the whole command (GPU 540, smoke 1200)")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    names = args.parts or (list(SMOKE_PARTS) if args.smoke else [])
+    if not names:
+        parser.error(f"name the parts to run ({', '.join(PARTS)}), or --smoke")
+    unknown = [name for name in names if name not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
+    if args.deadline_s is None:
+        args.deadline_s = 1200.0 if args.smoke else 540.0
+    problem = preflight(args, names)
+    if problem:
+        print(f"bench-gpu: {problem}", file=sys.stderr)
+        return 2
+    return Kit(args).run(names)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
