@@ -14,7 +14,12 @@ from tests.http_fixtures import LocalHTTP
 
 IMAGE_BYTES = encode(make_image(300, 200), "JPEG")
 IMAGE = data_uri(IMAGE_BYTES, "image/jpeg")
-DOWNLOAD_LIMITS = {"FLUX_DOWNLOAD_DEADLINE_S": "3", "FLUX_MAX_DOWNLOAD_BYTES": str(5 << 20)}
+# The URL tests fetch from a server on loopback, which only FLUX_ALLOW_PRIVATE_URLS=1 allows.
+DOWNLOAD_LIMITS = {
+    "FLUX_DOWNLOAD_DEADLINE_S": "3",
+    "FLUX_MAX_DOWNLOAD_BYTES": str(5 << 20),
+    "FLUX_ALLOW_PRIVATE_URLS": "1",
+}
 
 
 @pytest.fixture(scope="module")
