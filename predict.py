@@ -9,7 +9,7 @@ from cog import BaseRunner, Input, Path
 
 from flux import images, optimize, sampling
 from flux.errors import InvalidInputError
-from flux.pipeline import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
+from flux.pipeline import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.weights import resolve_weights_dir
 from serving import downloads, memory
@@ -18,6 +18,7 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(messag
 
 AUTO = "auto"
 ACCELERATION_CHOICES = [AUTO, *(level.value for level in AccelerationLevel)]
+RANDOM_SEED = -1  # as many image APIs have it; blank means random too
 
 
 class Predictor(BaseRunner):
@@ -53,7 +54,9 @@ class Predictor(BaseRunner):
             le=MAX_GUIDANCE,
             default=sampling.DEFAULT_GUIDANCE,
         ),
-        seed: int | None = Input(description="Random seed; leave blank for a random one.", default=None),
+        seed: int | None = Input(
+            description="Random seed; -1 or blank for a random one.", ge=RANDOM_SEED, le=MAX_SEED, default=None
+        ),
         output_format: str = Input(
             description="Format of the output image.", choices=[f.value for f in images.OutputFormat], default="webp"
         ),
@@ -86,7 +89,7 @@ class Predictor(BaseRunner):
             aspect_ratio=aspect_ratio,
             num_inference_steps=num_inference_steps,
             guidance=guidance,
-            seed=seed,
+            seed=None if seed == RANDOM_SEED else seed,
             acceleration=acceleration,
         )
         request.validate()

@@ -7,6 +7,8 @@ a missing or out-of-range input would reach the predictor unchecked.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else x
+    return x if isinstance(x, int) else int(x) if float(x).is_integer() else x
 
 
 def build_schema(predictor_ref: str = "predict.py:Predictor") -> dict:
@@ -25,6 +27,10 @@ def build_schema(predictor_ref: str = "predict.py:Predictor") -> dict:
     module_file, class_name = predictor_ref.split(":")
     sys.path.insert(0, str(ROOT))
     info = create_predictor(Path(module_file).stem, class_name)
+    # cog's inspector keeps ge/le as floats, which cannot hold every integer bound (the seed's
+    # maximum 2**63 - 1 becomes 2**63): the bounds are taken as predict.py declares them.
+    predictor = getattr(importlib.import_module(Path(module_file).stem), class_name)
+    declared = inspect.signature(getattr(predictor, "run", None) or predictor.predict).parameters
 
     properties: dict[str, dict] = {}
     enums: dict[str, dict] = {}
@@ -46,9 +52,9 @@ def build_schema(predictor_ref: str = "predict.py:Predictor") -> dict:
         else:
             required.append(name)
         if field.ge is not None:
-            prop["minimum"] = _number(field.ge)
+            prop["minimum"] = _number(declared[name].default.ge)
         if field.le is not None:
-            prop["maximum"] = _number(field.le)
+            prop["maximum"] = _number(declared[name].default.le)
         properties[name] = prop
 
     input_schema = {"title": "Input", "type": "object", "properties": properties}

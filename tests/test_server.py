@@ -2,6 +2,7 @@
 model, driven over HTTP with real image bytes: formats, validation, and every hostile input in
 tests/hostile_files.py, each followed by a check that the server still answers."""
 
+import re
 import time
 
 import pytest
@@ -103,6 +104,10 @@ def test_taylor_seer_steps_are_marked_in_the_progress(server):
         ({"prompt": "x", "input_image": IMAGE, "acceleration": "warp"}, "acceleration"),
         ({"prompt": "x", "input_image": IMAGE, "go_fast": "sometimes"}, "go_fast"),
         ({"prompt": "x", "input_image": IMAGE, "seed": "lucky"}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "seed": -2}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "seed": 2**63}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "seed": 2**64 + 1}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "seed": 1.5}, "seed"),
     ],
 )
 def test_invalid_inputs_get_validation_errors(server, inputs, field):
@@ -112,16 +117,26 @@ def test_invalid_inputs_get_validation_errors(server, inputs, field):
     assert_ready(server)
 
 
-@pytest.mark.parametrize(
-    "inputs,text",
-    [
-        ({"prompt": "   "}, "InvalidInputError: prompt must be a non-empty instruction"),
-        ({"seed": -1}, "InvalidInputError: seed must be"),
-        ({"seed": 2**63}, "seed"),
-    ],
-)
-def test_errors_inside_the_predictor_name_the_input(server, inputs, text):
-    assert_failed_naming(server, edit(server, **inputs), text)
+def test_errors_inside_the_predictor_name_the_input(server):
+    body = edit(server, prompt="   ")
+    assert_failed_naming(server, body, "InvalidInputError: prompt must be a non-empty instruction")
+
+
+@pytest.mark.parametrize("seed", [-1, None])
+def test_seed_minus_one_or_blank_is_random(server, seed):
+    inputs = {"prompt": "make the car red", "input_image": IMAGE, "num_inference_steps": 4, "output_format": "png"}
+    if seed is not None:
+        inputs["seed"] = seed
+    bodies = [server.predict(inputs).json() for _ in range(2)]
+    assert [b["status"] for b in bodies] == ["succeeded"] * 2, bodies[0].get("error")
+    seeds = [int(re.search(r"Using seed: (\d+)", b["logs"]).group(1)) for b in bodies]
+    assert seeds[0] != seeds[1] and bodies[0]["output"] != bodies[1]["output"]
+
+
+def test_the_largest_seed_is_a_seed(server):
+    body = edit(server, seed=2**63 - 1)
+    assert body["status"] == "succeeded", body.get("error")
+    assert f"Using seed: {2**63 - 1}" in body["logs"]
 
 
 @pytest.mark.parametrize(
