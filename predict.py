@@ -7,8 +7,8 @@ import tempfile
 
 from cog import BaseRunner, Input, Path
 
-from flux import images, optimize, sampling
-from flux.errors import InvalidInputError
+from flux import images, optimize, safety, sampling
+from flux.errors import InvalidInputError, UnsafeOutputError
 from flux.pipeline import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.weights import resolve_weights_dir
@@ -23,16 +23,19 @@ RANDOM_SEED = -1  # as many image APIs have it; blank means random too
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        # Input URLs get a total deadline and a size cap; failed fetches leave no file behind.
+        # Input URLs: public hosts only, a total deadline and a size cap; failed fetches leave no file behind.
         downloads.limit_cog_downloads("input_image")
+        weights = resolve_weights_dir()
+        # Before the model, so that missing checker weights fail setup in seconds, not after loading 34 GB.
+        checker = safety.checker_from_env(weights)
         # Accelerations from $FLUX_ACCELERATIONS (default: flux.optimize's defaults for the device); with
         # compile on, this also warms up every served shape and keeps the compiled artifacts with the weights.
-        weights = resolve_weights_dir()
         self.editor = KontextEditor.from_pretrained(
             weights,
             accelerations=optimize.accelerations_from_env(),
             compile_cache=optimize.compile_cache_from_env(weights),
         )
+        self.safety_checker = checker and checker.to(self.editor.components.device)
         self._last_output_dir: str | None = None
 
     def run(
@@ -63,6 +66,9 @@ class Predictor(BaseRunner):
         output_quality: int = Input(
             description="Quality for webp and jpg, 0-100. Ignored for png.", ge=0, le=100, default=80
         ),
+        disable_safety_checker: bool = Input(
+            description="Return the image without checking it for NSFW content.", default=False
+        ),
         go_fast: bool = Input(
             description="Skip transformer calls on some steps with TaylorSeer (13 of 28 steps computed). "
             "Faster; may lose quality on complex edits.",
@@ -80,6 +86,11 @@ class Predictor(BaseRunner):
         if not isinstance(input_image, pathlib.Path):
             raise InvalidInputError(
                 "input_image", "must be an uploaded file, a data URI or an http(s) URL, not a path on the server"
+            )
+        if not disable_safety_checker and self.safety_checker is None:
+            raise InvalidInputError(
+                "disable_safety_checker",
+                f"must be true on this server: it runs without a safety checker ({safety.ENV_SWITCH}=off)",
             )
         if acceleration == AUTO:
             acceleration = AccelerationLevel.GO_REALLY_FAST if go_fast else AccelerationLevel.NONE
@@ -101,6 +112,13 @@ class Predictor(BaseRunner):
 
         result = self.editor.edit(request, on_step=progress)
         print(f"Transformer calls: {result.transformer_calls} of {num_inference_steps} steps ({acceleration})")
+        if disable_safety_checker:
+            print("Safety checker: off for this prediction (disable_safety_checker)")
+        else:
+            verdict = self.safety_checker.check(result.image)
+            print(f"Safety checker: {verdict}")
+            if verdict.unsafe:
+                raise UnsafeOutputError()
         note = ""
         if result.random_weights:
             note = "generated with RANDOM test weights, not a real edit"

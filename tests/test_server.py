@@ -72,6 +72,7 @@ def test_edit_returns_an_image_in_each_format(server, fmt, pil_format):
     assert "Using seed: 1" in body["logs"]
     assert "Step 4/4" in body["logs"]
     assert "RANDOM" in body["logs"]
+    assert re.search(r"Safety checker: passed in \d+\.\d+ s", body["logs"])
 
 
 def test_fixed_aspect_ratio_and_seed_zero(server):
@@ -108,6 +109,7 @@ def test_taylor_seer_steps_are_marked_in_the_progress(server):
         ({"prompt": "x", "input_image": IMAGE, "seed": 2**63}, "seed"),
         ({"prompt": "x", "input_image": IMAGE, "seed": 2**64 + 1}, "seed"),
         ({"prompt": "x", "input_image": IMAGE, "seed": 1.5}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "disable_safety_checker": "maybe"}, "disable_safety_checker"),
     ],
 )
 def test_invalid_inputs_get_validation_errors(server, inputs, field):
@@ -137,6 +139,12 @@ def test_the_largest_seed_is_a_seed(server):
     body = edit(server, seed=2**63 - 1)
     assert body["status"] == "succeeded", body.get("error")
     assert f"Using seed: {2**63 - 1}" in body["logs"]
+
+
+def test_safety_checker_can_be_turned_off_per_request(server):
+    body = edit(server, disable_safety_checker=True)
+    assert body["status"] == "succeeded", body.get("error")
+    assert "Safety checker: off for this prediction" in body["logs"]
 
 
 @pytest.mark.parametrize(
