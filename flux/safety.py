@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPImageProcessorPil, ViTForImageClassification, ViTImageProcessorPil
 
+from flux import clock
 from flux.errors import WeightsError
 from flux.model import load_strict
 from flux.weights import hub_token
@@ -214,16 +214,10 @@ class SafetyChecker:
         self.classifier.to(device, torch.float32)
         return self
 
-    def _now(self) -> float:
-        device = self.classifier.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
     @torch.inference_mode()
     def check(self, image: PIL.Image.Image) -> SafetyVerdict:
         """Check one RGB image; the classifier runs only if the concept checker flags it."""
-        start = self._now()
+        start = clock.now(self.classifier.device)
         checker = self.concept_checker
         clip_input = self.feature_extractor(images=[image], return_tensors="pt").pixel_values
         # The checker also blacks out each flagged image in the list it is given; the image itself
@@ -236,7 +230,7 @@ class SafetyChecker:
             probabilities = logits[0].float().softmax(-1)
             label = self.labels[int(probabilities.argmax())]
             probability = float(probabilities[self.nsfw_index])
-        return SafetyVerdict(bool(flags[0]), label, probability, self._now() - start)
+        return SafetyVerdict(bool(flags[0]), label, probability, clock.now(self.classifier.device) - start)
 
 
 def checker_from_env(weights_dir: str | Path) -> SafetyChecker | None:
