@@ -35,7 +35,9 @@ class Predictor(BaseRunner):
             accelerations=optimize.accelerations_from_env(),
             compile_cache=optimize.compile_cache_from_env(weights),
         )
-        self.safety_checker = checker and checker.to(self.editor.components.device)
+        if checker:
+            checker.to(self.editor.components.device).warm_up()
+        self.safety_checker = checker
         self._last_output_dir: str | None = None
 
     def run(
@@ -112,6 +114,7 @@ class Predictor(BaseRunner):
 
         result = self.editor.edit(request, on_step=progress)
         print(f"Transformer calls: {result.transformer_calls} of {num_inference_steps} steps ({acceleration})")
+        # Checked before anything is written: an unsafe image never reaches a file.
         if disable_safety_checker:
             print("Safety checker: off for this prediction (disable_safety_checker)")
         else:

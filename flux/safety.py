@@ -218,19 +218,33 @@ class SafetyChecker:
     def check(self, image: PIL.Image.Image) -> SafetyVerdict:
         """Check one RGB image; the classifier runs only if the concept checker flags it."""
         start = clock.now(self.classifier.device)
+        flagged = self._concept_flag(image)
+        label, probability = self._classify(image) if flagged else (None, None)
+        return SafetyVerdict(flagged, label, probability, clock.now(self.classifier.device) - start)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run both stages once, so that the first prediction does not pay for lazy initialisation
+        (CUDA kernels, allocator pools). Every input is 224×224 after preprocessing: one run covers all."""
+        grey = PIL.Image.new("RGB", (1024, 1024), (128, 128, 128))
+        self._concept_flag(grey)
+        self._classify(grey)
+
+    def _concept_flag(self, image: PIL.Image.Image) -> bool:
         checker = self.concept_checker
         clip_input = self.feature_extractor(images=[image], return_tensors="pt").pixel_values
-        # The checker also blacks out each flagged image in the list it is given; the image itself
-        # is never returned when flagged, so it gets a 1×1 stand-in rather than a copy of the pixels.
+        # The checker also blacks out each flagged image in the list it is given. That copy is never
+        # used (a flagged image is returned as it is if the classifier clears it, else not at all), so
+        # it gets a 1×1 stand-in rather than a copy of the pixels.
         _, flags = checker(clip_input=clip_input.to(checker.device, checker.dtype), images=[np.zeros((1, 1, 3))])
-        label = probability = None
-        if flags[0]:
-            pixels = self.classifier_processor(images=[image], return_tensors="pt").pixel_values
-            logits = self.classifier(pixel_values=pixels.to(self.classifier.device, self.classifier.dtype)).logits
-            probabilities = logits[0].float().softmax(-1)
-            label = self.labels[int(probabilities.argmax())]
-            probability = float(probabilities[self.nsfw_index])
-        return SafetyVerdict(bool(flags[0]), label, probability, clock.now(self.classifier.device) - start)
+        return bool(flags[0])
+
+    def _classify(self, image: PIL.Image.Image) -> tuple[str, float]:
+        """The classifier's label for `image` and its probability of NSFW_LABEL."""
+        pixels = self.classifier_processor(images=[image], return_tensors="pt").pixel_values
+        logits = self.classifier(pixel_values=pixels.to(self.classifier.device, self.classifier.dtype)).logits
+        probabilities = logits[0].float().softmax(-1)
+        return self.labels[int(probabilities.argmax())], float(probabilities[self.nsfw_index])
 
 
 def checker_from_env(weights_dir: str | Path) -> SafetyChecker | None:

@@ -1,6 +1,7 @@
 """The safety checker on the tiny checkers: both stages, strict loading, the hub fallback (with a
 stand-in for the hub: no network), the switch."""
 
+import json
 import shutil
 
 import pytest
@@ -23,7 +24,9 @@ def checker(tmp_path, concept_flags: bool, classifier_flags: bool) -> SafetyChec
 
 
 def test_an_image_the_concept_checker_passes_is_not_classified(tmp_path):
-    verdict = checker(tmp_path, concept_flags=False, classifier_flags=True).check(IMAGE)
+    c = checker(tmp_path, concept_flags=False, classifier_flags=True)
+    c.warm_up()  # runs both stages whatever the verdicts
+    verdict = c.check(IMAGE)
     assert not verdict.concept_flagged and verdict.label is None and not verdict.unsafe
     assert str(verdict).startswith("passed in ")
 
@@ -93,9 +96,23 @@ def test_a_classifier_without_an_nsfw_label_is_refused(tmp_path):
 def hub(tmp_path):
     """A stand-in for the two hub repositories, with their files as the hub has them: the concept
     checker as a pytorch_model.bin with the key names it was saved with in 2022 (vision_model.vision_model.*,
-    and the position_ids buffer), the classifier as model.safetensors. Returns (download, calls)."""
+    and the position_ids buffer) and its processor as a CLIPFeatureExtractor config of that time,
+    the classifier as model.safetensors. Returns (download, calls)."""
     tiny = tmp_path / "tiny"
     write_tiny_safety_checkers(tiny, concept_flags=True, classifier_flags=True)
+    legacy_processor = {
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "size": 224,
+        "crop_size": 224,
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy_processor))
     old_keys = {
         (f"vision_model.{k}" if k.startswith("vision_model.") else k): v
         for k, v in load_file(tiny / safety.SAFETY_CHECKER / "model.safetensors").items()
@@ -106,7 +123,7 @@ def hub(tmp_path):
         "CompVis/stable-diffusion-safety-checker": {
             "config.json": tiny / safety.SAFETY_CHECKER / "config.json",
             "pytorch_model.bin": tmp_path / "pytorch_model.bin",
-            "preprocessor_config.json": tiny / safety.FEATURE_EXTRACTOR / "preprocessor_config.json",
+            "preprocessor_config.json": tmp_path / "preprocessor_config.json",
         },
         "Falconsai/nsfw_image_detection": {
             name: tiny / safety.NSFW_CLASSIFIER / name
@@ -132,7 +149,10 @@ def test_missing_checkers_are_downloaded_into_the_weights_directory(tmp_path, hu
     assert sorted(p.name for p in weights.iterdir()) == sorted(FOLDERS)  # no staging left behind
     assert not (weights / safety.SAFETY_CHECKER / ".cache").exists()
     assert len(calls) == 6
-    assert SafetyChecker.from_pretrained(weights).check(IMAGE).unsafe
+    downloaded = SafetyChecker.from_pretrained(weights)
+    assert downloaded.check(IMAGE).unsafe
+    clip_input = downloaded.feature_extractor(images=[IMAGE], return_tensors="pt").pixel_values
+    assert clip_input.shape == (1, 3, 224, 224)
     safety.ensure_weights(weights, download)
     assert len(calls) == 6  # nothing downloaded twice
 
