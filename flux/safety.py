@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 SAFETY_CHECKER = "safety_checker"
 FEATURE_EXTRACTOR = "feature_extractor"
 NSFW_CLASSIFIER = "nsfw_classifier"
+CHECKER_FOLDERS = (SAFETY_CHECKER, FEATURE_EXTRACTOR, NSFW_CLASSIFIER)
 NSFW_LABEL = "nsfw"
 """The classifier label that confirms the first stage's flag (the other one is "normal")."""
 

@@ -15,7 +15,6 @@ from flux.tiny import write_tiny_safety_checkers
 from tests.conftest import make_image
 
 IMAGE = make_image(1248, 832)
-FOLDERS = (safety.SAFETY_CHECKER, safety.FEATURE_EXTRACTOR, safety.NSFW_CLASSIFIER)
 
 
 def checker(tmp_path, concept_flags: bool, classifier_flags: bool) -> SafetyChecker:
@@ -146,7 +145,7 @@ def test_missing_checkers_are_downloaded_into_the_weights_directory(tmp_path, hu
     weights = tmp_path / "weights"
     weights.mkdir()
     safety.ensure_weights(weights, download)
-    assert sorted(p.name for p in weights.iterdir()) == sorted(FOLDERS)  # no staging left behind
+    assert sorted(p.name for p in weights.iterdir()) == sorted(safety.CHECKER_FOLDERS)  # no staging left behind
     assert not (weights / safety.SAFETY_CHECKER / ".cache").exists()
     assert len(calls) == 6
     downloaded = SafetyChecker.from_pretrained(weights)

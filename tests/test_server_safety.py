@@ -84,7 +84,7 @@ def test_a_loopback_url_is_refused_without_being_fetched(flagging_server, http):
 def weights_without_checkers(tiny_dir, tmp_path_factory):
     weights = tmp_path_factory.mktemp("no-checkers") / "weights"
     shutil.copytree(tiny_dir, weights)
-    for folder in (safety.SAFETY_CHECKER, safety.FEATURE_EXTRACTOR, safety.NSFW_CLASSIFIER):
+    for folder in safety.CHECKER_FOLDERS:
         shutil.rmtree(weights / folder)
     return weights
 
