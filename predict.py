@@ -8,10 +8,10 @@ import time
 
 from cog import BaseRunner, Input, Path
 
-from flux import images, optimize, sampling
-from flux.errors import InvalidInputError
+from flux import images, optimize, safety, sampling
+from flux.errors import InvalidInputError, UnsafeOutputError
 from flux.hardware import serving_device
-from flux.pipeline import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
+from flux.pipeline import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.weights import resolve_weights_dir
 from serving import downloads, memory
@@ -20,16 +20,19 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(messag
 
 AUTO = "auto"
 ACCELERATION_CHOICES = [AUTO, *(level.value for level in AccelerationLevel)]
+RANDOM_SEED = -1  # as many image APIs have it; blank means random too
 
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        # Input URLs get a total deadline and a size cap; failed fetches leave no file behind.
+        # Input URLs: public hosts only, a total deadline and a size cap; failed fetches leave no file behind.
         downloads.limit_cog_downloads("input_image")
         # The weights (fetched from $FLUX_WEIGHTS_URL or the hub when missing) and a GPU, unless they are a
         # test model or FLUX_DEVICE=cpu; each logs what it found and how long it took.
         weights = resolve_weights_dir()
         device = serving_device(weights)
+        # Before the model, so that missing checker weights fail setup in seconds, not after loading 34 GB.
+        checker = safety.checker_from_env(weights)
         # Accelerations from $FLUX_ACCELERATIONS (default: flux.optimize's defaults for the device); with
         # compile on, this also warms up every served shape and keeps the compiled artifacts with the weights.
         t0 = time.perf_counter()
@@ -40,6 +43,9 @@ class Predictor(BaseRunner):
             compile_cache=optimize.compile_cache_from_env(weights),
         )
         logging.info("setup: loaded and prepared the model on %s in %.1f s", device, time.perf_counter() - t0)
+        if checker:
+            checker.to(self.editor.components.device).warm_up()
+        self.safety_checker = checker
         self._last_output_dir: str | None = None
 
     def run(
@@ -61,12 +67,17 @@ class Predictor(BaseRunner):
             le=MAX_GUIDANCE,
             default=sampling.DEFAULT_GUIDANCE,
         ),
-        seed: int | None = Input(description="Random seed; leave blank for a random one.", default=None),
+        seed: int | None = Input(
+            description="Random seed; -1 or blank for a random one.", ge=RANDOM_SEED, le=MAX_SEED, default=None
+        ),
         output_format: str = Input(
             description="Format of the output image.", choices=[f.value for f in images.OutputFormat], default="webp"
         ),
         output_quality: int = Input(
             description="Quality for webp and jpg, 0-100. Ignored for png.", ge=0, le=100, default=80
+        ),
+        disable_safety_checker: bool = Input(
+            description="Return the image without checking it for NSFW content.", default=False
         ),
         go_fast: bool = Input(
             description="Skip transformer calls on some steps with TaylorSeer (13 of 28 steps computed). "
@@ -86,6 +97,11 @@ class Predictor(BaseRunner):
             raise InvalidInputError(
                 "input_image", "must be an uploaded file, a data URI or an http(s) URL, not a path on the server"
             )
+        if not disable_safety_checker and self.safety_checker is None:
+            raise InvalidInputError(
+                "disable_safety_checker",
+                f"must be true on this server: it runs without a safety checker ({safety.ENV_SWITCH}=off)",
+            )
         if acceleration == AUTO:
             acceleration = AccelerationLevel.GO_REALLY_FAST if go_fast else AccelerationLevel.NONE
         request = EditRequest(
@@ -94,7 +110,7 @@ class Predictor(BaseRunner):
             aspect_ratio=aspect_ratio,
             num_inference_steps=num_inference_steps,
             guidance=guidance,
-            seed=seed,
+            seed=None if seed == RANDOM_SEED else seed,
             acceleration=acceleration,
         )
         request.validate()
@@ -106,6 +122,14 @@ class Predictor(BaseRunner):
 
         result = self.editor.edit(request, on_step=progress)
         print(f"Transformer calls: {result.transformer_calls} of {num_inference_steps} steps ({acceleration})")
+        # Checked before anything is written: an unsafe image never reaches a file.
+        if disable_safety_checker:
+            print("Safety checker: off for this prediction (disable_safety_checker)")
+        else:
+            verdict = self.safety_checker.check(result.image)
+            print(f"Safety checker: {verdict}")
+            if verdict.unsafe:
+                raise UnsafeOutputError()
         note = ""
         if result.random_weights:
             note = "generated with RANDOM test weights, not a real edit"

@@ -1,4 +1,4 @@
-"""Errors the edit path raises for bad requests and bad weights."""
+"""Errors the edit path raises for bad requests, bad weights and unsafe outputs."""
 
 
 class InvalidInputError(ValueError):
@@ -11,3 +11,13 @@ class InvalidInputError(ValueError):
 
 class WeightsError(RuntimeError):
     """The weights directory is missing, incomplete or inconsistent; the message names what."""
+
+
+class UnsafeOutputError(RuntimeError):
+    """The safety checker found the output unsafe: it is not returned."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the edited image was flagged as NSFW by the safety checker and is not returned; "
+            "try again with a different prompt or seed"
+        )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel, T5EncoderModel, T5Tokenizer
 
 from flux.errors import WeightsError
 
@@ -67,28 +67,42 @@ class FluxComponents:
         return self.transformer.dtype
 
 
-def _check_loading_info(subfolder: str, info: dict) -> None:
+def _check_loading_info(subfolder: str, cls: type, info: dict) -> None:
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in info.get(kind) or [])
+        # mismatched keys come as (name, shape in the file, shape of the model)
+        keys = sorted(
+            f"{k[0]} ({list(k[1])} in the file, {list(k[2])} expected)" if isinstance(k, tuple) else str(k)
+            for k in info.get(kind) or []
+        )
         if keys:
             shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
             problems.append(f"{kind.replace('_', ' ')}: {shown}")
     if info.get("error_msgs"):
         problems.append("errors: " + "; ".join(map(str, info["error_msgs"])))
     if problems:
-        raise WeightsError(f"{subfolder}/ does not match {_MODELS[subfolder].__name__}: " + "; ".join(problems))
+        raise WeightsError(f"{subfolder}/ does not match {cls.__name__}: " + "; ".join(problems))
+
+
+def load_strict(cls: type, directory: Path, subfolder: str, **kwargs) -> torch.nn.Module:
+    """`cls.from_pretrained(directory, subfolder=subfolder, **kwargs)` in eval mode without gradients,
+    where a missing file, a missing, unexpected or mis-shaped tensor is a WeightsError naming it."""
+    if issubclass(cls, PreTrainedModel):
+        # Without this, transformers answers a mis-shaped tensor with a bare RuntimeError that points
+        # at a report printed to the log; with it, the tensor is listed in the loading info (and the
+        # model is then refused below, never used with a re-initialised tensor).
+        kwargs.setdefault("ignore_mismatched_sizes", True)
+    try:
+        model, info = cls.from_pretrained(directory, subfolder=subfolder, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"could not load {subfolder}/ from {directory}: {e}") from e
+    _check_loading_info(subfolder, cls, info)
+    return model.eval().requires_grad_(False)
 
 
 def _load_model(directory: Path, subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
-    cls = _MODELS[subfolder]
     dtype_kw = "torch_dtype" if subfolder in ("transformer", "vae") else "dtype"
-    try:
-        model, info = cls.from_pretrained(directory, subfolder=subfolder, output_loading_info=True, **{dtype_kw: dtype})
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"could not load {subfolder}/ from {directory}: {e}") from e
-    _check_loading_info(subfolder, info)
-    return model.eval().requires_grad_(False)
+    return load_strict(_MODELS[subfolder], directory, subfolder, **{dtype_kw: dtype})
 
 
 def load_components(

@@ -6,14 +6,13 @@ import dataclasses
 import logging
 import math
 import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import PIL.Image
 import torch
 
-from flux import images, sampling
+from flux import clock, images, sampling
 from flux.errors import InvalidInputError
 from flux.model import FluxComponents, load_components
 from flux.optimize import Accelerations, optimize
@@ -123,11 +122,7 @@ class KontextEditor:
         return editor
 
     def _now(self) -> float:
-        """perf_counter() once the GPU has finished the work queued so far, so phases are timed honestly."""
-        device = self.components.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+        return clock.now(self.components.device)
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

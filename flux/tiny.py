@@ -33,8 +33,22 @@ from diffusers import (
     FluxKontextPipeline,
     FluxTransformer2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+)
 
+from flux import safety
 from flux.model import RANDOM_WEIGHTS_MARKER
 
 
@@ -236,11 +250,52 @@ def build_pipeline(
     )
 
 
+def write_tiny_safety_checkers(
+    directory: str | Path, concept_flags: bool = False, classifier_flags: bool = False
+) -> None:
+    """Write tiny random safety checkers into a weights directory, in the layout flux.safety reads
+    (replacing any there). Their verdicts are set, not learnt, so tests can drive each path:
+
+    concept_flags: the concept checker flags every image (its thresholds are below any cosine
+        similarity) instead of none (thresholds above any).
+    classifier_flags: the NSFW classifier says "nsfw" for every image instead of "normal" (its
+        output layer is zeroed and the bias picks the label).
+
+    The image processors have the real ones' settings (224×224 inputs), so preprocessing costs
+    what it does with the real checkers; the networks are one-layer ViTs with 32×32 patches.
+    """
+    directory = Path(directory)
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=32)
+    # Only the vision half of this CLIP config is built; the text half just has to be consistent.
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16))
+    with torch.no_grad():
+        # flagged when cos(image, concept) - threshold > 0; cosines lie in [-1, 1]
+        checker.concept_embeds_weights.fill_(-2.0 if concept_flags else 2.0)
+        checker.special_care_embeds_weights.fill_(2.0)
+    checker.eval().save_pretrained(directory / safety.SAFETY_CHECKER)
+    CLIPImageProcessorPil().save_pretrained(directory / safety.FEATURE_EXTRACTOR)
+
+    labels = {0: "normal", 1: safety.NSFW_LABEL}
+    classifier = ViTForImageClassification(
+        ViTConfig(**vision, image_size=224, id2label=labels, label2id={v: k for k, v in labels.items()})
+    )
+    with torch.no_grad():
+        classifier.classifier.weight.zero_()
+        classifier.classifier.bias.copy_(torch.tensor([-4.0, 4.0] if classifier_flags else [4.0, -4.0]))
+    classifier.eval().save_pretrained(directory / safety.NSFW_CLASSIFIER)
+    ViTImageProcessorPil().save_pretrained(directory / safety.NSFW_CLASSIFIER)
+
+
 def write_tiny_model(directory: str | Path, cfg: SyntheticConfig = TINY) -> Path:
-    """Write the tiny model to `directory` in the diffusers layout and return the path."""
+    """Write the tiny model to `directory` in the diffusers layout, with tiny safety checkers that
+    flag nothing (write_tiny_safety_checkers), and return the path."""
     directory = Path(directory)
     pipe = build_pipeline(cfg)
     pipe.save_pretrained(directory, safe_serialization=True)
+    write_tiny_safety_checkers(directory)
     # A marker that anything loaded from here comes from random weights (see flux.model).
     (directory / RANDOM_WEIGHTS_MARKER).write_text(
         json.dumps({"what": "tiny random-initialised FLUX.1 Kontext model", "seed": cfg.seed}) + "\n"

@@ -58,8 +58,12 @@ def main() -> int:
 
     env = dict(os.environ, PORT=str(args.port), PYTHON=sys.executable)
     if not env.get("FLUX_WEIGHTS"):
+        sys.path.insert(0, str(ROOT))
+        from flux.safety import CHECKER_FOLDERS
+
         tiny = ROOT / "out" / "tiny-model"
-        if not (tiny / "model_index.json").exists():
+        # A tiny model written before it had safety checkers is written again.
+        if not all((tiny / name).exists() for name in ("model_index.json", *CHECKER_FOLDERS)):
             subprocess.run([sys.executable, "-m", "flux.tiny", str(tiny)], cwd=ROOT, check=True)
         env["FLUX_WEIGHTS"] = str(tiny)
         print("Using the tiny RANDOM-weight model: the output shows the path works, not a real edit.")

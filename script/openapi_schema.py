@@ -16,6 +16,8 @@ serves and older Cog schemas listed: PUT /predictions/{prediction_id} (idempoten
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ WEBHOOK_EVENTS = ["start", "output", "logs", "completed"]
 
 
 def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else x
+    return x if isinstance(x, int) else int(x) if float(x).is_integer() else x
 
 
 def _title(name: str) -> str:
@@ -43,6 +45,10 @@ def input_schemas(predictor_ref: str = "predict.py:Predictor") -> tuple[dict, di
     module_file, class_name = predictor_ref.split(":")
     sys.path.insert(0, str(ROOT))
     info = create_predictor(Path(module_file).stem, class_name)
+    # cog's inspector keeps ge/le as floats, which cannot hold every integer bound (the seed's
+    # maximum 2**63 - 1 becomes 2**63): the bounds are taken as predict.py declares them.
+    predictor = getattr(importlib.import_module(Path(module_file).stem), class_name)
+    declared = inspect.signature(getattr(predictor, "run", None) or predictor.predict).parameters
 
     properties: dict[str, dict] = {}
     enums: dict[str, dict] = {}
@@ -67,9 +73,9 @@ def input_schemas(predictor_ref: str = "predict.py:Predictor") -> tuple[dict, di
         if field.description:
             prop["description"] = field.description
         if field.ge is not None:
-            prop["minimum"] = _number(field.ge)
+            prop["minimum"] = _number(declared[name].default.ge)
         if field.le is not None:
-            prop["maximum"] = _number(field.le)
+            prop["maximum"] = _number(declared[name].default.le)
         properties[name] = prop
 
     input_schema = {"title": "Input", "type": "object", "properties": properties}

@@ -1,5 +1,5 @@
 """A local HTTP server for input-URL tests: serves an image, errors, a slow drip, a huge body,
-a stall; and collects webhooks the Cog server sends."""
+a stall, redirects; and collects webhooks the Cog server sends."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import queue
 import threading
 import time
+import urllib.parse
 
 PNG_PATH = "/image.png"
 
@@ -17,6 +18,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?")[0]
+        self.server.requested.append(path)
         if path in self.server.files:
             body, mime = self.server.files[path]
             self.send_response(200)
@@ -32,6 +34,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.send_header("Content-Length", str(10**12))
+            self.end_headers()
+        elif path == "/redirect":  # 302 to the URL in ?to=, else to itself (a loop)
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            self.send_response(302)
+            self.send_header("Location", query.get("to", ["/redirect"])[0])
+            self.send_header("Content-Length", "0")
             self.end_headers()
         elif path == "/stall.png":  # headers, then silence
             self.send_response(200)
@@ -69,6 +77,7 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     files: dict[str, tuple[bytes, str]]
     webhooks: queue.Queue
+    requested: list[str]
 
 
 class LocalHTTP:
@@ -78,12 +87,18 @@ class LocalHTTP:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.files = dict(files or {})
         self._server.webhooks = queue.Queue()
+        self._server.requested = []
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     @property
     def files(self) -> dict[str, tuple[bytes, str]]:
         return self._server.files
+
+    @property
+    def requested(self) -> list[str]:
+        """The path of every GET received, in order."""
+        return self._server.requested
 
     @property
     def webhooks(self) -> queue.Queue:

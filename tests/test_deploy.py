@@ -46,7 +46,8 @@ def _kill_setup_midway(weights: Path, workdir: Path, url: str) -> None:
         )
     try:
         deadline = time.monotonic() + 120
-        while not any(weights.parent.glob(".*.partial-*/archive-1/model_index.json")):
+        # Any file extracted from any archive: the fetch is under way.
+        while not any(weights.parent.glob(".*.partial-*/archive-*/*")):
             assert proc.poll() is None, (workdir / "killed.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "the fetch never started"
             time.sleep(0.1)
@@ -62,8 +63,10 @@ def fetched_server(archives, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fetched")
     weights = workdir / "weights" / "FLUX.1-Kontext-dev"
     urls = [archives.put(f"/part-{i}.tar", data) for i, data in enumerate(archives.archives, 1)]
-    slow = archives.put("/slow-1.tar", Body(archives.archives[0], chunk=8 << 10, delay_per_chunk=0.5))
-    _kill_setup_midway(weights, workdir, " ".join([slow, *urls[1:]]))
+    # The largest part drips (8 KiB every 0.5 s): the fetch is surely under way, and unfinished, when killed.
+    largest = max(range(len(urls)), key=lambda i: len(archives.archives[i]))
+    slow = archives.put("/slow.tar", Body(archives.archives[largest], chunk=8 << 10, delay_per_chunk=0.5))
+    _kill_setup_midway(weights, workdir, " ".join(slow if i == largest else url for i, url in enumerate(urls)))
     assert not weights.exists() and wa.missing_entries(weights)
     with running_server(weights, workdir, env={"FLUX_WEIGHTS_URL": " ".join(urls)}) as server:
         server.weights = weights

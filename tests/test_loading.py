@@ -92,3 +92,14 @@ def test_absent_weights_without_token_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="HF_TOKEN"):
         resolve_weights_dir()
     assert not (tmp_path / "absent").exists()
+
+
+def test_wrong_shape_in_a_text_encoder_is_named(broken_copy):
+    rewrite(
+        broken_copy / "text_encoder" / "model.safetensors",
+        lambda t: t.update({"final_layer_norm.weight": torch.zeros(5)}),
+    )
+    with pytest.raises(
+        WeightsError, match=r"text_encoder/ .*mismatched keys: final_layer_norm.weight \(\[5\] in the file"
+    ):
+        load_components(broken_copy)

@@ -2,6 +2,7 @@
 model, driven over HTTP with real image bytes: formats, validation, and every hostile input in
 tests/hostile_files.py, each followed by a check that the server still answers."""
 
+import re
 import time
 
 import pytest
@@ -14,7 +15,12 @@ from tests.http_fixtures import LocalHTTP
 
 IMAGE_BYTES = encode(make_image(300, 200), "JPEG")
 IMAGE = data_uri(IMAGE_BYTES, "image/jpeg")
-DOWNLOAD_LIMITS = {"FLUX_DOWNLOAD_DEADLINE_S": "3", "FLUX_MAX_DOWNLOAD_BYTES": str(5 << 20)}
+# The URL tests fetch from a server on loopback, which only FLUX_ALLOW_PRIVATE_URLS=1 allows.
+DOWNLOAD_LIMITS = {
+    "FLUX_DOWNLOAD_DEADLINE_S": "3",
+    "FLUX_MAX_DOWNLOAD_BYTES": str(5 << 20),
+    "FLUX_ALLOW_PRIVATE_URLS": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +72,7 @@ def test_edit_returns_an_image_in_each_format(server, fmt, pil_format):
     assert "Using seed: 1" in body["logs"]
     assert "Step 4/4" in body["logs"]
     assert "RANDOM" in body["logs"]
+    assert re.search(r"Safety checker: passed in \d+\.\d+ s", body["logs"])
 
 
 def test_fixed_aspect_ratio_and_seed_zero(server):
@@ -98,6 +105,11 @@ def test_taylor_seer_steps_are_marked_in_the_progress(server):
         ({"prompt": "x", "input_image": IMAGE, "acceleration": "warp"}, "acceleration"),
         ({"prompt": "x", "input_image": IMAGE, "go_fast": "sometimes"}, "go_fast"),
         ({"prompt": "x", "input_image": IMAGE, "seed": "lucky"}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "seed": -2}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "seed": 2**63}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "seed": 2**64 + 1}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "seed": 1.5}, "seed"),
+        ({"prompt": "x", "input_image": IMAGE, "disable_safety_checker": "maybe"}, "disable_safety_checker"),
     ],
 )
 def test_invalid_inputs_get_validation_errors(server, inputs, field):
@@ -107,16 +119,32 @@ def test_invalid_inputs_get_validation_errors(server, inputs, field):
     assert_ready(server)
 
 
-@pytest.mark.parametrize(
-    "inputs,text",
-    [
-        ({"prompt": "   "}, "InvalidInputError: prompt must be a non-empty instruction"),
-        ({"seed": -1}, "InvalidInputError: seed must be"),
-        ({"seed": 2**63}, "seed"),
-    ],
-)
-def test_errors_inside_the_predictor_name_the_input(server, inputs, text):
-    assert_failed_naming(server, edit(server, **inputs), text)
+def test_errors_inside_the_predictor_name_the_input(server):
+    body = edit(server, prompt="   ")
+    assert_failed_naming(server, body, "InvalidInputError: prompt must be a non-empty instruction")
+
+
+@pytest.mark.parametrize("seed", [-1, None])
+def test_seed_minus_one_or_blank_is_random(server, seed):
+    inputs = {"prompt": "make the car red", "input_image": IMAGE, "num_inference_steps": 4, "output_format": "png"}
+    if seed is not None:
+        inputs["seed"] = seed
+    bodies = [server.predict(inputs).json() for _ in range(2)]
+    assert [b["status"] for b in bodies] == ["succeeded"] * 2, bodies[0].get("error")
+    seeds = [int(re.search(r"Using seed: (\d+)", b["logs"]).group(1)) for b in bodies]
+    assert seeds[0] != seeds[1] and bodies[0]["output"] != bodies[1]["output"]
+
+
+def test_the_largest_seed_is_a_seed(server):
+    body = edit(server, seed=2**63 - 1)
+    assert body["status"] == "succeeded", body.get("error")
+    assert f"Using seed: {2**63 - 1}" in body["logs"]
+
+
+def test_safety_checker_can_be_turned_off_per_request(server):
+    body = edit(server, disable_safety_checker=True)
+    assert body["status"] == "succeeded", body.get("error")
+    assert "Safety checker: off for this prediction" in body["logs"]
 
 
 @pytest.mark.parametrize(
