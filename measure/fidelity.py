@@ -40,7 +40,13 @@ import torch
 from flux import sampling
 from flux.optimize import FP8_MIN_FEATURES, AccelerationConfig, apply, quantize_fp8, resolve
 from flux.pipeline import KontextEditor
-from flux.taylor_seer_utils import LEVEL_DEFAULT_ORDER, AccelerationLevel, generate_compute_step_map
+from flux.taylor_seer_utils import (
+    LEVEL_DEFAULT_ORDER,
+    SCHEDULE_DEFAULT_ORDER,
+    AccelerationLevel,
+    StepSchedule,
+    generate_compute_step_map,
+)
 from measure.variants import AdaptiveConfig, FirstBlockPolicy, Method, SeerVariant, Spacing
 
 FLUX_BLOCKS = 57  # FLUX.1's transformer: 19 double-stream + 38 single-stream blocks
@@ -52,7 +58,7 @@ class Variant:
     """One way to accelerate: a level (its step map) and how skipped steps are extrapolated."""
 
     name: str
-    level: AccelerationLevel
+    level: AccelerationLevel | StepSchedule
     seer: SeerVariant = SeerVariant()
     adaptive: AdaptiveConfig | None = None  # set: the first block decides every unprotected step (level unused)
     accelerations: str = "off"  # an AccelerationConfig.parse() spec applied to a copy of the transformer
@@ -118,9 +124,9 @@ def adaptive_variants(seer: SeerVariant, thresholds: Sequence[float] = (0.02, 0.
 
 
 def quick_variants() -> list[Variant]:
-    """The quick setting (CI): the shipped configuration at each level, and the adaptive level at
-    the threshold where it makes as many calls as `go really fast`."""
-    levels = [AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST]
+    """The quick setting (CI): the shipped configuration at each level and each named StepSchedule, and
+    the adaptive level at the threshold where it makes as many calls as `go really fast`."""
+    levels = [AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST, *StepSchedule]
     shipped = [Variant(f"{level.value} · default", level, default_seer(level)) for level in levels]
     return shipped + adaptive_variants(SeerVariant(), [0.1])
 
@@ -175,9 +181,11 @@ def accelerated_copy(
     return model
 
 
-def default_seer(level: AccelerationLevel) -> SeerVariant:
-    """The extrapolation the pipeline uses at `level` when the request names no order."""
-    return SeerVariant(order=LEVEL_DEFAULT_ORDER[level])
+def default_seer(level: AccelerationLevel | StepSchedule) -> SeerVariant:
+    """The extrapolation the pipeline uses at `level` when the request names no order (a StepSchedule:
+    the order chosen with its map)."""
+    orders = LEVEL_DEFAULT_ORDER if isinstance(level, AccelerationLevel) else SCHEDULE_DEFAULT_ORDER
+    return SeerVariant(order=orders[level])
 
 
 def all_variants() -> list[Variant]:

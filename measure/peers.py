@@ -593,16 +593,16 @@ class PeerRow:
     pricing: str  # a Pricing, or "both" when the method's cost does not depend on it
     tuning: Measured
     held_out: Measured
-    wins: int  # held-out cases where it beats the named level of the same budget (PSNR)
-    median_delta_db: float  # median PSNR difference to that named level, held out
+    vs_named: tuple[int, int, float]  # held out, against the named level of the budget: won, lost, median ΔdB
+    vs_best_map: tuple[int, int, float]  # the same against our step map chosen at this budget
 
     def as_dict(self) -> dict:
         return {
             "method": self.method,
             "budget": self.budget,
             "pricing": self.pricing,
-            "wins": self.wins,
-            "median_delta_db": self.median_delta_db,
+            "vs_named_level": dict(zip(("won", "lost", "median_delta_db"), self.vs_named, strict=True)),
+            "vs_best_map": dict(zip(("won", "lost", "median_delta_db"), self.vs_best_map, strict=True)),
             "tuning": self.tuning.as_dict(),
             "held_out": self.held_out.as_dict(),
         }
@@ -638,9 +638,13 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _paired(m: Measured, named: Measured) -> tuple[int, float]:
-    deltas = [a - b for a, b in zip(m.per_case_psnr, named.per_case_psnr, strict=True)]
-    return sum(d > 0 for d in deltas), statistics.median(deltas)
+TIE_DB = 0.01  # per-case PSNR differences smaller than this count as ties (float rounding, not quality)
+
+
+def _paired(m: Measured, other: Measured) -> tuple[int, int, float]:
+    """Cases won and lost against `other` (same cases, by PSNR), and the median difference in dB."""
+    deltas = [a - b for a, b in zip(m.per_case_psnr, other.per_case_psnr, strict=True)]
+    return sum(d >= TIE_DB for d in deltas), sum(d <= -TIE_DB for d in deltas), statistics.median(deltas)
 
 
 def run_peers(
@@ -685,10 +689,14 @@ def run_peers(
             measured[i] = measure_series(editor, series[i], sets["tuning"], min(budgets))
         n = sum(len(measured[i]) for i in indices)
         _log(f"  {method}: {n} configurations, {time.perf_counter() - start:.0f} s")
+
+    def tuning_of(indices: Sequence[int]) -> list[Measured]:
+        return [m for i in indices for m in measured[i]]
+
     start = time.perf_counter()
     for indices in methods.values():
         for budget, pricing in itertools.product(budgets, Pricing):
-            pick = choose([m for i in indices for m in measured[i]], budget, pricing)
+            pick = choose(tuning_of(indices), budget, pricing)  # the grid's choice
             i = next((i for i in indices if pick and any(m is pick for m in measured[i])), None)
             if i is not None and hasattr(pick.candidate, "threshold"):
                 measured[i] += refine(editor, measured[i], budget, pricing, sets["tuning"])
@@ -705,42 +713,46 @@ def run_peers(
     rows, schedules = [], []
     for budget in budgets:
         level = NamedLevel(NAMED[budget])
-        named_tuning, named_held = evaluate(editor, level, sets["tuning"]), held_out(level)
-        rows.append(PeerRow(level.method, budget, "both", named_tuning, named_held, 0, 0.0))
+        named = held_out(level)
+        best_map = held_out(choose(tuning_of(methods[OurSchedule.method]), budget, Pricing.PROXY).candidate)
+
+        def row(method: str, pricing: str, pick: Measured, budget=budget, named=named, best_map=best_map) -> PeerRow:
+            held = held_out(pick.candidate)
+            return PeerRow(method, budget, pricing, pick, held, _paired(held, named), _paired(held, best_map))
+
+        rows.append(row(level.method, "both", evaluate(editor, level, sets["tuning"])))
         for method, indices in methods.items():
-            options = [m for i in indices for m in measured[i]]
+            options = tuning_of(indices)
             chosen = {pricing: choose(options, budget, pricing) for pricing in Pricing}
             same = chosen[Pricing.PROXY] is chosen[Pricing.FLUX] and not series[indices[0]][0].priced_by_blocks
             for pricing in [None] if same else list(Pricing):
                 pick = chosen[pricing or Pricing.PROXY]
                 if pick is None:
                     skipped.append(f"{method} at {budget} calls ({pricing}): no configuration within the budget")
-                    continue
-                held = held_out(pick.candidate)
-                rows.append(PeerRow(method, budget, pricing or "both", pick, held, *_paired(held, named_held)))
+                else:
+                    rows.append(row(method, pricing or "both", pick))
         ours = sorted(
-            (m for m in tuning if isinstance(m.candidate, OurSchedule) and m.cost.proxy == budget),
-            key=lambda m: -m.psnr,
+            (m for m in tuning_of(methods[OurSchedule.method]) if m.cost.proxy == budget), key=lambda m: -m.psnr
         )
-        for pick in ours[:top_schedules]:
-            held = held_out(pick.candidate)
-            schedules.append(PeerRow(pick.candidate.method, budget, "both", pick, held, *_paired(held, named_held)))
+        schedules += [row(OurSchedule.method, "both", pick) for pick in ours[:top_schedules]]
     return PeersReport(rows, schedules, tuning, ratios, skipped, cases, time.perf_counter() - t0)
 
 
 def format_peers_table(rows: Sequence[PeerRow]) -> str:
-    """A Markdown table: the configuration chosen on the tuning set, its cost and its fidelity on both sets."""
+    """A Markdown table: the configuration chosen on the tuning set, its cost and its fidelity on both sets,
+    and per held-out case against the named level and against our best step map (cases won–lost, median
+    ΔPSNR dB)."""
     lines = [
-        "| budget | method | priced | chosen on tuning set | calls proxy / FLUX.1 (held out) | PSNR dB tuning "
-        "| PSNR dB held out (min) | SSIM held out | latent rel L2 held out | vs named level, held out |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| budget | method | priced | chosen on tuning set | calls proxy / FLUX.1 | PSNR dB tuning "
+        "| PSNR dB held out (min) | SSIM | latent rel L2 | vs named level | vs best map |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         h = r.held_out
-        versus = "—" if r.method == NamedLevel.method else f"{r.wins}/{len(h.per_case_psnr)}, {r.median_delta_db:+.1f}"
+        versus = [f"{won}–{lost}, {delta:+.1f}" for won, lost, delta in (r.vs_named, r.vs_best_map)]
         lines.append(
             f"| {r.budget} | {r.method} | {r.pricing} | {h.candidate.label} | {h.cost.proxy:.1f} / {h.cost.flux:.1f} "
             f"| {r.tuning.psnr:.1f} | {h.psnr:.1f} ({h.psnr_min:.1f}) | {h.ssim:.4f} | {h.latent_rel_l2:.4f} "
-            f"| {versus} |"
+            f"| {versus[0]} | {versus[1]} |"
         )
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import torch
 
 from flux import sampling
 from flux.pipeline import KontextEditor
-from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
+from flux.taylor_seer_utils import SCHEDULE_DEFAULT_ORDER, AccelerationLevel, StepSchedule, generate_compute_step_map
 from measure import fidelity, peers
 from measure.variants import AdaptiveConfig, WarmupSchedule, first_block_residual
 from tests.test_fidelity import PROXY
@@ -171,6 +171,22 @@ def test_run_peers_reports_each_budget_and_skips_what_is_not_installed(proxy_edi
         assert cost <= row.budget
     table = peers.format_peers_table(report.rows)
     assert "| 18 | ours · named level | both | go fast (o1) | 18.0 / 18.0 |" in table
+    best = [r for r in report.rows if r.method == "ours · step map"]
+    assert all(r.vs_best_map == (0, 0, 0.0) for r in best)  # against itself: every case a tie
+
+
+@pytest.mark.parametrize(
+    "schedule,chosen,order",
+    [
+        (StepSchedule.GO_FAST_FRONT_LOADED, WarmupSchedule(6, 2, 0, 1), 2),
+        (StepSchedule.GO_REALLY_FAST_FRONT_LOADED, WarmupSchedule(5, 3, 0, 0), 3),
+    ],
+)
+def test_the_front_loaded_schedules_are_the_step_maps_chosen_against_the_peers(schedule, chosen, order):
+    """What FIDELITY.md's peers table chose on the tuning set (map and order) is what flux offers by name."""
+    for steps in (28, 50, 9):
+        assert generate_compute_step_map(schedule, steps) == chosen.step_map(steps)
+    assert sum(chosen.step_map(28)) in peers.BUDGETS and SCHEDULE_DEFAULT_ORDER[schedule] == order
 
 
 def test_the_command_line_refuses_peers_with_the_single_image_options(capsys):
