@@ -187,25 +187,40 @@ class Candidate(ABC):
         return dataclasses.replace(self, threshold=threshold)
 
 
+class _OurMap(Candidate):
+    """Our TaylorSeer on a fixed step map."""
+
+    order: int
+
+    @abstractmethod
+    def step_map(self, steps: int) -> list[bool]: ...
+
+    def denoise(self, model, case, guidance):
+        step_map = self.step_map(len(case.timesteps) - 1)
+        return sampling.denoise(model, case.inputs, case.timesteps, guidance, step_map, TaylorSeerConfig(self.order))
+
+
 @dataclass(frozen=True)
-class NamedLevel(Candidate):
+class NamedLevel(_OurMap):
     """A named level exactly as served: the seed's step map and the level's default order."""
 
     level: AccelerationLevel
     method: ClassVar[str] = "ours · named level"
 
     @property
-    def label(self) -> str:
-        return f"{self.level.value} (o{LEVEL_DEFAULT_ORDER[self.level]})"
+    def order(self) -> int:
+        return LEVEL_DEFAULT_ORDER[self.level]
 
-    def denoise(self, model, case, guidance):
-        step_map = generate_compute_step_map(self.level, len(case.timesteps) - 1)
-        seer = TaylorSeerConfig(LEVEL_DEFAULT_ORDER[self.level])
-        return sampling.denoise(model, case.inputs, case.timesteps, guidance, step_map, seer)
+    @property
+    def label(self) -> str:
+        return f"{self.level.value} (o{self.order})"
+
+    def step_map(self, steps):
+        return generate_compute_step_map(self.level, steps)
 
 
 @dataclass(frozen=True)
-class OurSchedule(Candidate):
+class OurSchedule(_OurMap):
     """Our TaylorSeer on another step map of the same cost."""
 
     schedule: WarmupSchedule
@@ -216,9 +231,8 @@ class OurSchedule(Candidate):
     def label(self) -> str:
         return f"{self.schedule.name} o{self.order}"
 
-    def denoise(self, model, case, guidance):
-        step_map = self.schedule.step_map(len(case.timesteps) - 1)
-        return sampling.denoise(model, case.inputs, case.timesteps, guidance, step_map, TaylorSeerConfig(self.order))
+    def step_map(self, steps):
+        return self.schedule.step_map(steps)
 
 
 @dataclass(frozen=True)
