@@ -65,7 +65,7 @@ from flux.taylor_seer_utils import (
 from measure.fidelity import FLUX_BLOCKS, PreparedCase, decoded, prepare_cases, psnr, rel_l2, ssim
 from measure.variants import AdaptiveConfig, FirstBlockPolicy, WarmupSchedule, schedules_with_calls
 
-BUDGETS = (18, 13)  # calls of 28: `go fast` and `go really fast`
+LEVELS = (AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST)  # their calls are the budgets
 TUNING_SEED = 1234  # the cases FIDELITY.md's variant tables (and the shipped orders) were chosen on
 HELD_OUT_SEED = 4321
 CALIBRATION_SEED = 9876  # MagCache's ratios
@@ -645,7 +645,13 @@ class PeersReport:
         }
 
 
-NAMED = {18: AccelerationLevel.GO_FAST, 13: AccelerationLevel.GO_REALLY_FAST}
+def level_budgets(steps: int) -> dict[int, AccelerationLevel]:
+    """The call budgets compared at: each named level's calls at `steps` (28 steps: 18 and 13)."""
+    return {sum(generate_compute_step_map(level, steps)): level for level in LEVELS}
+
+
+NAMED = level_budgets(sampling.DEFAULT_STEPS)
+BUDGETS = tuple(NAMED)  # (18, 13)
 
 
 def _log(message: str) -> None:
@@ -666,15 +672,14 @@ def run_peers(
     cases: int = 16,
     size: int = 64,
     num_inference_steps: int = sampling.DEFAULT_STEPS,
-    budgets: Sequence[int] = BUDGETS,
     top_schedules: int = 3,
 ) -> PeersReport:
     """The whole comparison: calibrate MagCache, sweep every method on the tuning cases, choose per budget
     and pricing, and measure the choices on the held-out cases (`cases` each, synthetic, `size` pixels)."""
     from measure.fidelity import synthetic_cases
 
-    if num_inference_steps != sampling.DEFAULT_STEPS and set(budgets) - set(NAMED):
-        raise ValueError("the named levels' budgets are for 28 steps")
+    named_levels = level_budgets(num_inference_steps)
+    budgets = tuple(named_levels)
     t0 = time.perf_counter()
     sets = {
         name: prepare_cases(editor, synthetic_cases(n, size, seed), num_inference_steps)
@@ -726,7 +731,7 @@ def run_peers(
 
     rows, schedules = [], []
     for budget in budgets:
-        level = NamedLevel(NAMED[budget])
+        level = NamedLevel(named_levels[budget])
         named = held_out(level)
         best_map = held_out(choose(tuning_of(methods[OurSchedule.method]), budget, Pricing.PROXY).candidate)
 
