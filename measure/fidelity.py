@@ -2,6 +2,7 @@
 
     python -m measure.fidelity --weights tests/assets/proxy --quick
     python -m measure.fidelity --weights weights/FLUX.1-Kontext-dev --size 1024 --json fidelity.json
+    python -m measure.fidelity --weights tests/assets/proxy --peers --threads 1   # vs diffusers / cache-dit
 
 For each edit case (prompt, context image, seed) the reference is level `none`; each variant runs
 the same case from the same noise and is compared with it:
@@ -16,7 +17,8 @@ the same case from the same noise and is compared with it:
 
 The cases are the proxy's synthetic edit task (measure.proxy) at --size pixels, or one --image with
 --prompt. Metrics are averaged over cases (extrapolation error: mean over all skipped steps, and
-the max). See FIDELITY.md for the measured table.
+the max). See FIDELITY.md for the measured table. --peers runs the slower comparison with the caches
+of diffusers and cache-dit instead (measure.peers).
 """
 
 from __future__ import annotations
@@ -38,10 +40,17 @@ import torch
 from flux import sampling
 from flux.optimize import FP8_MIN_FEATURES, AccelerationConfig, apply, quantize_fp8, resolve
 from flux.pipeline import KontextEditor
-from flux.taylor_seer_utils import LEVEL_DEFAULT_ORDER, AccelerationLevel, generate_compute_step_map
+from flux.taylor_seer_utils import (
+    LEVEL_DEFAULT_ORDER,
+    SCHEDULE_DEFAULT_ORDER,
+    AccelerationLevel,
+    StepSchedule,
+    generate_compute_step_map,
+)
 from measure.variants import AdaptiveConfig, FirstBlockPolicy, Method, SeerVariant, Spacing
 
-FIRST_BLOCK_COST = 1 / 57  # one of FLUX.1's 19 double + 38 single blocks (a double block costs more: a floor)
+FLUX_BLOCKS = 57  # FLUX.1's transformer: 19 double-stream + 38 single-stream blocks
+FIRST_BLOCK_COST = 1 / FLUX_BLOCKS  # one block of FLUX.1 (a double block costs more: a floor)
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class Variant:
     """One way to accelerate: a level (its step map) and how skipped steps are extrapolated."""
 
     name: str
-    level: AccelerationLevel
+    level: AccelerationLevel | StepSchedule
     seer: SeerVariant = SeerVariant()
     adaptive: AdaptiveConfig | None = None  # set: the first block decides every unprotected step (level unused)
     accelerations: str = "off"  # an AccelerationConfig.parse() spec applied to a copy of the transformer
@@ -115,9 +124,9 @@ def adaptive_variants(seer: SeerVariant, thresholds: Sequence[float] = (0.02, 0.
 
 
 def quick_variants() -> list[Variant]:
-    """The quick setting (CI): the shipped configuration at each level, and the adaptive level at
-    the threshold where it makes as many calls as `go really fast`."""
-    levels = [AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST]
+    """The quick setting (CI): the shipped configuration at each level and each named StepSchedule, and
+    the adaptive level at the threshold where it makes as many calls as `go really fast`."""
+    levels = [AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST, *StepSchedule]
     shipped = [Variant(f"{level.value} · default", level, default_seer(level)) for level in levels]
     return shipped + adaptive_variants(SeerVariant(), [0.1])
 
@@ -172,9 +181,11 @@ def accelerated_copy(
     return model
 
 
-def default_seer(level: AccelerationLevel) -> SeerVariant:
-    """The extrapolation the pipeline uses at `level` when the request names no order."""
-    return SeerVariant(order=LEVEL_DEFAULT_ORDER[level])
+def default_seer(level: AccelerationLevel | StepSchedule) -> SeerVariant:
+    """The extrapolation the pipeline uses at `level` when the request names no order (a StepSchedule:
+    the order chosen with its map)."""
+    orders = LEVEL_DEFAULT_ORDER if isinstance(level, AccelerationLevel) else SCHEDULE_DEFAULT_ORDER
+    return SeerVariant(order=orders[level])
 
 
 def all_variants() -> list[Variant]:
@@ -224,7 +235,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return s.mean().item()
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float32."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
@@ -265,12 +277,47 @@ def _run(
         calls += step.computed
         if not step.computed:
             truth = sampling.velocity(transformer, inputs, step.latents, step.t, guidance)
-            errors.append(_rel(step.velocity, truth))
+            errors.append(rel_l2(step.velocity, truth))
 
     tokens = sampling.denoise(transformer, inputs, timesteps, guidance, compute, seer, probe)
-    latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
-    pixels = ((editor.decode(latents).float() + 1) / 2).clamp(0, 1)
+    latents, pixels = decoded(editor, tokens, inputs)
     return _Run(latents, pixels, calls, policy.probes if policy else 0, errors)
+
+
+def decoded(editor: KontextEditor, tokens: torch.Tensor, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final latents (B, C, h, w) of a trajectory's tokens, and their decoded image in [0, 1]."""
+    latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
+    return latents, ((editor.decode(latents).float() + 1) / 2).clamp(0, 1)
+
+
+@dataclass
+class PreparedCase:
+    """One edit case encoded once, with its level-none reference run."""
+
+    inputs: sampling.KontextInputs
+    timesteps: list[float]
+    reference: _Run
+
+
+def prepare_cases(
+    editor: KontextEditor,
+    cases: Sequence[EditCase],
+    num_inference_steps: int = sampling.DEFAULT_STEPS,
+    guidance: float = sampling.DEFAULT_GUIDANCE,
+) -> list[PreparedCase]:
+    """Encode each case's prompt and image, draw its noise, and run level none on it: the reference
+    every variant of the case is compared with."""
+    transformer = editor.components.transformer
+    prepared = []
+    for case in cases:
+        txt, vec = editor.encode_prompt(case.prompt)
+        context = editor.encode_image(case.image)
+        _, _, h, w = case.image.shape
+        inputs = sampling.kontext_inputs(context, txt, vec, h // 8, w // 8, case.seed)
+        timesteps = sampling.get_schedule(num_inference_steps, inputs.noise.shape[1], editor.schedule)
+        reference = _run(editor, transformer, inputs, timesteps, guidance, None)
+        prepared.append(PreparedCase(inputs, timesteps, reference))
+    return prepared
 
 
 def run_fidelity(
@@ -284,15 +331,7 @@ def run_fidelity(
     """Each variant vs level none on every case (same seed, same noise): one row per variant.
     Variants with accelerations or another dtype run on a copy of the transformer, one at a time."""
     transformer = editor.components.transformer
-    prepared = []
-    for case in cases:
-        txt, vec = editor.encode_prompt(case.prompt)
-        context = editor.encode_image(case.image)
-        _, _, h, w = case.image.shape
-        inputs = sampling.kontext_inputs(context, txt, vec, h // 8, w // 8, case.seed)
-        timesteps = sampling.get_schedule(num_inference_steps, inputs.noise.shape[1], editor.schedule)
-        reference = _run(editor, transformer, inputs, timesteps, guidance, None)
-        prepared.append((inputs, timesteps, reference))
+    prepared = prepare_cases(editor, cases, num_inference_steps, guidance)
 
     per_variant: dict[str, list[tuple[_Run, _Run]]] = {v.name: [] for v in variants}
     groups: dict[tuple[str, torch.dtype | None], list[Variant]] = {}
@@ -302,10 +341,10 @@ def run_fidelity(
         off = resolve(AccelerationConfig.parse(spec), transformer.device) == AccelerationConfig()
         plain = off and dtype in (None, transformer.dtype)
         model = transformer if plain else accelerated_copy(transformer, group[0], fp8_min_features)
-        for inputs, timesteps, reference in prepared:
+        for case in prepared:
             for variant in group:
-                run = _run(editor, model, inputs, timesteps, guidance, variant)
-                per_variant[variant.name].append((run, reference))
+                run = _run(editor, model, case.inputs, case.timesteps, guidance, variant)
+                per_variant[variant.name].append((run, case.reference))
         del model
 
     rows = []
@@ -331,7 +370,7 @@ def run_fidelity(
                 psnr=sum(psnrs) / len(psnrs),
                 psnr_min=min(psnrs),
                 ssim=sum(ssim(run.pixels, ref.pixels) for run, ref in runs) / len(runs),
-                latent_rel_l2=sum(_rel(run.latents, ref.latents) for run, ref in runs) / len(runs),
+                latent_rel_l2=sum(rel_l2(run.latents, ref.latents) for run, ref in runs) / len(runs),
                 extrapolation_error_mean=sum(errors) / len(errors) if errors else 0.0,
                 extrapolation_error_max=max(errors, default=0.0),
                 per_case_psnr=psnrs,
@@ -385,6 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         help="fp8 only for linear layers at least this wide (the server's value; the proxy's layers need 16)",
     )
     parser.add_argument("--only-accelerations", action="store_true", help="skip the TaylorSeer variants")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="instead: ours vs diffusers' and cache-dit's caches at 18 and 13 calls, each tuned on one case set "
+        "and reported on a held-out one (--cases each, default 16; slow: measure.peers; cache-dit rows need "
+        "requirements-peers.txt)",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (1 is fastest on a shared CPU)"
@@ -395,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     editor = KontextEditor.from_pretrained(args.weights, device=args.device, dtype=dtype)
+    if args.peers:
+        if args.image or args.quick or args.accelerations:
+            parser.error("--peers runs on the synthetic cases, without --image, --quick or --accelerations")
+        return _peers_main(editor, args)
     if args.image:
         if not args.prompt:
             parser.error("--image needs --prompt")
@@ -421,6 +471,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(cases)} cases, {args.steps} steps, {seconds:.0f} s", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
+    return 0
+
+
+def _peers_main(editor: KontextEditor, args: argparse.Namespace) -> int:
+    from measure import peers
+
+    report = peers.run_peers(editor, args.cases or 16, args.size, args.steps)
+    print(peers.format_peers_table(report.rows))
+    print("\nBest step maps on the tuning set:\n")
+    print(peers.format_peers_table(report.schedules))
+    for line in report.skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    print(f"\n{report.cases} + {report.cases} cases, {args.steps} steps, {report.seconds:.0f} s", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1) + "\n")
     return 0
 
 

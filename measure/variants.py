@@ -9,12 +9,15 @@
   divided-difference form, exact on polynomials up to that degree at any spacing, same memory);
 - `FirstBlockPolicy`: decide per step whether to run the transformer from how much the output of its
   first block changed since the last computed step (the First Block Cache idea); skipped steps are
-  extrapolated as at the fixed levels.
+  extrapolated as at the fixed levels;
+- `WarmupSchedule`: other compute-step maps at the same call count as the named levels (a warm-up,
+  one step in `period`, a cool-down); `schedules_with_calls` lists every distinct one at a budget.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +103,56 @@ class SeerVariant:
 
     def start(self) -> TaylorSeerState:
         return _STATES[self.method, self.spacing](self.order)
+
+
+# ---- other step maps at the same cost ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarmupSchedule:
+    """A compute-step map: the first `warmup` steps, then the steps whose index % period == phase, and the
+    last `cooldown` steps. The named levels are two of these (`go fast`: 4, 2, 1, 4; `go really fast`:
+    3, 3, 1, 3); the warm-up and cool-down are separate here because on a smooth trajectory the early steps,
+    where the velocity turns fastest, may deserve more of the budget than the late ones."""
+
+    warmup: int
+    period: int
+    phase: int
+    cooldown: int
+
+    def __post_init__(self) -> None:
+        if self.warmup < 1 or self.period < 1 or not 0 <= self.phase < self.period or self.cooldown < 0:
+            raise ValueError(f"not a schedule: {self}")
+
+    @property
+    def name(self) -> str:
+        return f"w{self.warmup} {self.phase}%{self.period} c{self.cooldown}"
+
+    def step_map(self, num_inference_steps: int) -> list[bool]:
+        """One boolean per step, True where the transformer runs."""
+        n = num_inference_steps
+        return [i < self.warmup or i >= n - self.cooldown or i % self.period == self.phase for i in range(n)]
+
+
+def schedules_with_calls(
+    calls: int,
+    num_inference_steps: int,
+    warmups: range = range(1, 11),
+    periods: range = range(2, 5),
+    cooldowns: range = range(0, 5),
+) -> Iterator[WarmupSchedule]:
+    """Every WarmupSchedule in the given ranges that computes exactly `calls` steps, one per distinct step
+    map (the first in warm-up, period, phase, cool-down order)."""
+    seen = set()
+    for warmup in warmups:
+        for period in periods:
+            for phase in range(period):
+                for cooldown in cooldowns:
+                    schedule = WarmupSchedule(warmup, period, phase, cooldown)
+                    step_map = tuple(schedule.step_map(num_inference_steps))
+                    if sum(step_map) == calls and step_map not in seen:
+                        seen.add(step_map)
+                        yield schedule
 
 
 # ---- the adaptive policy ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ all, one step late, a missing factorial) show that the floors bite.
 """
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -82,6 +83,15 @@ def test_every_shipped_acceleration_stays_above_the_recorded_fidelity(proxy_edit
     assert floor_failures(rows, recorded) == []
 
 
+# The quick rows that extrapolate with order 2 or more (the others use order 1). With order 3 the order-2
+# term weighs less: its missing 1/2! stays within the floors there, the order-3 term's 1/3! does not.
+ORDER_2_AND_UP = {
+    "go really fast · default",
+    "go fast, front-loaded · default",
+    "go really fast, front-loaded · default",
+}
+
+
 def _wrong_sign(real):
     return lambda self, step, time=None: 2 * self.factors[0] - real(self, step, time)
 
@@ -94,15 +104,19 @@ def _one_step_late(real):
     return lambda self, step, time=None: real(self, step + 1, time)
 
 
-def _no_factorial(real):  # the order-2 term without its 1/2!
+def _no_factorial(real, order=2):  # the order-2 term without its 1/2!
     def predict(self, step, time=None):
         out = real(self, step, time)
-        if len(self.factors) > 2:
+        if len(self.factors) > order:
             k = step - self.positions[-1]
-            out = out + self.factors[2] * (k**2 / 2)
+            out = out + self.factors[order] * (k**order * (1 - 1 / math.factorial(order)))
         return out
 
     return predict
+
+
+def _no_third_factorial(real):  # the order-3 term without its 1/3!
+    return _no_factorial(real, order=3)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +125,8 @@ def _no_factorial(real):  # the order-2 term without its 1/2!
         (_wrong_sign, "all"),
         (_stale, "all"),
         (_one_step_late, "all"),
-        (_no_factorial, {"go really fast · default"}),  # the only quick row with order 2
+        (_no_factorial, ORDER_2_AND_UP - {"go really fast, front-loaded · default"}),
+        (_no_third_factorial, {"go really fast, front-loaded · default"}),  # the only quick row with order 3
     ],
 )
 def test_a_broken_extrapolation_fails_the_floors(proxy_editor, monkeypatch, broken, rows_that_must_fail):

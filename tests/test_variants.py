@@ -5,7 +5,16 @@ import torch
 
 from flux import sampling
 from flux.taylor_seer_utils import TaylorSeerConfig, generate_compute_step_map
-from measure.variants import AdaptiveConfig, FirstBlockPolicy, Method, SeerVariant, Spacing, first_block_residual
+from measure.variants import (
+    AdaptiveConfig,
+    FirstBlockPolicy,
+    Method,
+    SeerVariant,
+    Spacing,
+    WarmupSchedule,
+    first_block_residual,
+    schedules_with_calls,
+)
 from tests.test_sampling import CallCounter, small_inputs
 
 
@@ -85,6 +94,35 @@ def test_newton_equals_recursion_at_order_1_and_on_one_window(order):
             state.update(s, value)
     a, b = (state.predict(9) for state in states)
     assert torch.allclose(a, b) is (order == 1)
+
+
+# ---- other step maps ----
+
+
+@pytest.mark.parametrize(
+    "level,schedule",
+    [("go fast", WarmupSchedule(4, 2, 1, 4)), ("go really fast", WarmupSchedule(3, 3, 1, 3))],
+)
+@pytest.mark.parametrize("steps", [28, 50, 9])
+def test_the_named_maps_are_warmup_schedules(level, schedule, steps):
+    assert schedule.step_map(steps) == generate_compute_step_map(level, steps)
+
+
+def test_a_warmup_schedule_is_warmup_then_one_in_period_then_cooldown():
+    assert WarmupSchedule(7, 2, 0, 1).step_map(12) == [True] * 7 + [False, True, False, True, True]
+    assert WarmupSchedule(2, 3, 2, 0).name == "w2 2%3 c0"
+    for bad in [(0, 2, 0, 1), (3, 2, 2, 1), (3, 2, 0, -1)]:
+        with pytest.raises(ValueError):
+            WarmupSchedule(*bad)
+
+
+@pytest.mark.parametrize("calls", [18, 13])
+def test_schedules_with_calls_lists_each_distinct_map_of_that_cost_once(calls):
+    schedules = list(schedules_with_calls(calls, 28))
+    maps = [tuple(s.step_map(28)) for s in schedules]
+    assert all(sum(m) == calls for m in maps) and len(set(maps)) == len(maps)
+    assert tuple(generate_compute_step_map("go fast" if calls == 18 else "go really fast", 28)) in maps
+    assert len(maps) > 10  # warm-up × spacing × phase × cool-down leaves plenty to choose from
 
 
 # ---- the adaptive policy ----
