@@ -46,8 +46,8 @@ from flux.optimize import AccelerationConfig, Shape
 from flux.pipeline import EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
 from flux.tiny import FULL, TINY, build_pipeline
-from measure import bench_table
-from measure.records import Budget, RowWriter, environment, exit_at_deadline, run_id
+from measure import bench_table, records
+from measure.records import Budget, RowWriter, environment
 
 PROMPT = "make the car red"
 SEED = 0
@@ -582,22 +582,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--budget", type=float, help="seconds after which no new row is started; the rows finished are kept"
     )
-    parser.add_argument("--jsonl", type=Path, help="append each row here as a JSON line, as soon as it is measured")
-    parser.add_argument("--part", help="a label for every row (the GPU kit's part)")
+    records.add_row_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    exit_at_deadline()
+    args, writer = records.start(parser, argv)
     if not args.size and not args.megapixels:
         args.size = [(1024, 1024)]
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    common = {"run_id": run_id()} | ({"part": args.part} if args.part else {})
-    with RowWriter(args.jsonl, **common) as writer:
+    with writer:
         errors = Run(args, writer)()
     print(bench_table.render(writer.rows))
     if args.jsonl:

@@ -68,6 +68,31 @@ class Part:
     fresh_compile_cache: bool = False  # start with no saved artifacts (part 2 times a cold compile)
 
 
+def _gpu(*args: str, repeats: int = 2) -> tuple[str, ...]:
+    """measure.bench arguments on the full-size model."""
+    return (*_FULL, *args, "--repeats", str(repeats))
+
+
+def _smoke(*args: str) -> tuple[str, ...]:
+    """measure.bench arguments on the tiny model, compiling with the eager backend."""
+    return (*_TINY, *_EAGER_BACKEND, *args)
+
+
+def _settings(accelerations: str, levels: str = NONE_AND_FASTEST) -> tuple[str, ...]:
+    """Our settings only (no diffusers baseline, no skipped-step probe): the rows of parts 3, 5 and 6."""
+    return ("--accelerations", accelerations, "--levels", levels, "--no-baseline", "--no-step-probe")
+
+
+def _restart(config: str, shapes: str, edit_size: str, steps: int, *extra: str) -> tuple[str, ...]:
+    """measure.restart arguments: the server's setup() with the artifacts of part 2, then a first edit."""
+    return (
+        *("--config", config, *extra, "--accelerations", SERVER_DEFAULT_GPU, "--compile-cache", CACHE),
+        *("--shapes", shapes, "--edit-size", edit_size, "--steps", str(steps)),
+    )
+
+
+_FP8 = f"fp8+{SERVER_DEFAULT_GPU},fp8-all+{SERVER_DEFAULT_GPU}"
+
 PARTS: dict[str, Part] = {
     p.name: p
     for p in [
@@ -75,7 +100,7 @@ PARTS: dict[str, Part] = {
             "1",
             "diffusers eager vs ours eager, three levels",
             "measure.bench",
-            (*_FULL, "--size", "1024x1024", "--accelerations", "off", "--levels", ALL_LEVELS, "--repeats", "3"),
+            _gpu("--size", "1024x1024", "--accelerations", "off", "--levels", ALL_LEVELS, repeats=3),
             (*_TINY, "--size", "64x48", "--accelerations", "off", "--levels", ALL_LEVELS),
             estimate_s=240,
             reserve_s=180,
@@ -85,34 +110,14 @@ PARTS: dict[str, Part] = {
             "2",
             f"{SERVER_DEFAULT_GPU} compile, three levels, artifacts saved",
             "measure.bench",
-            (
-                *_FULL,
-                "--size",
-                "1024x1024",
-                "--accelerations",
-                SERVER_DEFAULT_GPU,
-                "--levels",
-                ALL_LEVELS,
-                "--repeats",
-                "3",
-                "--no-baseline",
-                "--warm-up",
-                "served",
-                "--compile-cache",
-                CACHE,
+            _gpu(
+                *("--size", "1024x1024", "--accelerations", SERVER_DEFAULT_GPU, "--levels", ALL_LEVELS),
+                *("--no-baseline", "--warm-up", "served", "--compile-cache", CACHE),
+                repeats=3,
             ),
-            (
-                *_TINY,
-                *_EAGER_BACKEND,
-                "--size",
-                "64x48",
-                "--accelerations",
-                SERVER_DEFAULT_GPU,
-                "--levels",
-                ALL_LEVELS,
-                "--no-baseline",
-                "--compile-cache",
-                CACHE,
+            _smoke(
+                *("--size", "64x48", "--accelerations", SERVER_DEFAULT_GPU, "--levels", ALL_LEVELS),
+                *("--no-baseline", "--compile-cache", CACHE),
             ),
             estimate_s=270,
             reserve_s=240,
@@ -123,31 +128,8 @@ PARTS: dict[str, Part] = {
             "3",
             "fp8 (single-stream / all blocks) + regional compile, none and go really fast, peak memory",
             "measure.bench",
-            (
-                *_FULL,
-                "--size",
-                "1024x1024",
-                "--accelerations",
-                f"fp8+{SERVER_DEFAULT_GPU},fp8-all+{SERVER_DEFAULT_GPU}",
-                "--levels",
-                NONE_AND_FASTEST,
-                "--repeats",
-                "2",
-                "--no-baseline",
-                "--no-step-probe",
-            ),
-            (
-                *_TINY,
-                *_EAGER_BACKEND,
-                "--size",
-                "64x48",
-                "--accelerations",
-                f"fp8+{SERVER_DEFAULT_GPU},fp8-all+{SERVER_DEFAULT_GPU}",
-                "--levels",
-                NONE_AND_FASTEST,
-                "--no-baseline",
-                "--no-step-probe",
-            ),
+            _gpu("--size", "1024x1024", *_settings(_FP8)),
+            _smoke("--size", "64x48", *_settings(_FP8)),
             estimate_s=360,
             reserve_s=300,
             tail_s=180,
@@ -156,35 +138,8 @@ PARTS: dict[str, Part] = {
             "4",
             "warm restart: setup() with saved compile artifacts in a fresh process",
             "measure.restart",
-            (
-                "--config",
-                "full",
-                "--accelerations",
-                SERVER_DEFAULT_GPU,
-                "--compile-cache",
-                CACHE,
-                "--shapes",
-                "served",
-                "--edit-size",
-                "1024x1024",
-                "--steps",
-                "28",
-            ),
-            (
-                "--config",
-                "tiny",
-                *_EAGER_BACKEND,
-                "--accelerations",
-                SERVER_DEFAULT_GPU,
-                "--compile-cache",
-                CACHE,
-                "--shapes",
-                "64x48",
-                "--edit-size",
-                "64x48",
-                "--steps",
-                "10",
-            ),
+            _restart("full", "served", "1024x1024", 28),
+            _restart("tiny", "64x48", "64x48", 10, *_EAGER_BACKEND),
             estimate_s=90,  # with part 2's artifacts; about 270 when a cold process must save them first
             reserve_s=150,
             tail_s=0,
@@ -194,35 +149,8 @@ PARTS: dict[str, Part] = {
             "5",
             f"resolution scaling, 0.25 / 1 / 2 MP, {SERVER_DEFAULT_GPU}",
             "measure.bench",
-            (
-                *_FULL,
-                "--megapixels",
-                "0.25,1,2",
-                "--accelerations",
-                SERVER_DEFAULT_GPU,
-                "--levels",
-                NONE_AND_FASTEST,
-                "--repeats",
-                "2",
-                "--no-baseline",
-                "--no-step-probe",
-            ),
-            (
-                *_TINY,
-                *_EAGER_BACKEND,
-                "--size",
-                "64x64",
-                "--size",
-                "128x128",
-                "--size",
-                "176x176",
-                "--accelerations",
-                SERVER_DEFAULT_GPU,
-                "--levels",
-                NONE_AND_FASTEST,
-                "--no-baseline",
-                "--no-step-probe",
-            ),
+            _gpu("--megapixels", "0.25,1,2", *_settings(SERVER_DEFAULT_GPU)),
+            _smoke("--size", "64x64", "--size", "128x128", "--size", "176x176", *_settings(SERVER_DEFAULT_GPU)),
             estimate_s=300,
             reserve_s=240,
             tail_s=90,
@@ -231,32 +159,13 @@ PARTS: dict[str, Part] = {
             "6",
             "optional: QKV fusion, cuDNN attention, with regional compile",
             "measure.bench",
-            (
-                *_FULL,
+            _gpu(
                 "--size",
                 "1024x1024",
-                "--accelerations",
-                f"fuse+{SERVER_DEFAULT_GPU},{SERVER_DEFAULT_GPU}+attention=_native_cudnn",
-                "--levels",
-                NONE_AND_FASTEST,
-                "--repeats",
-                "2",
-                "--no-baseline",
-                "--no-step-probe",
+                *_settings(f"fuse+{SERVER_DEFAULT_GPU},{SERVER_DEFAULT_GPU}+attention=_native_cudnn"),
             ),
-            (
-                *_TINY,
-                *_EAGER_BACKEND,
-                "--size",
-                "64x48",
-                # the CPU has no cuDNN: torch's own SDPA backend stands in for it
-                "--accelerations",
-                f"fuse+{SERVER_DEFAULT_GPU},{SERVER_DEFAULT_GPU}+attention=native",
-                "--levels",
-                NONE_AND_FASTEST,
-                "--no-baseline",
-                "--no-step-probe",
-            ),
+            # the CPU has no cuDNN: torch's own SDPA backend stands in for it
+            _smoke("--size", "64x48", *_settings(f"fuse+{SERVER_DEFAULT_GPU},{SERVER_DEFAULT_GPU}+attention=native")),
             estimate_s=360,
             reserve_s=300,
             tail_s=180,

@@ -8,6 +8,7 @@ what a figure needs before it can be quoted.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -58,6 +59,22 @@ class RowWriter:
 
     def __exit__(self, *_) -> None:
         self.close()
+
+
+def add_row_options(parser: argparse.ArgumentParser) -> None:
+    """The options every tool of the kit takes: where its rows go, and the part they belong to."""
+    parser.add_argument("--jsonl", type=Path, help="append each row here as a JSON line, as soon as it is measured")
+    parser.add_argument("--part", help="a label for every row (the GPU kit's part)")
+
+
+def start(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, RowWriter]:
+    """Parse a kit tool's command line (keeping it as `args.argv`, for the record), arm the command's deadline
+    and open its row writer."""
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    exit_at_deadline()
+    common = {"run_id": run_id()} | ({"part": args.part} if args.part else {})
+    return args, RowWriter(args.jsonl, **common)
 
 
 def read_rows(*paths: str | Path) -> list[dict]:

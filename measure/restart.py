@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from flux import optimize
 from flux.optimize import AccelerationConfig, Shape
 from flux.pipeline import EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
-from measure import bench
-from measure.records import RowWriter, environment, exit_at_deadline, run_id
+from measure import bench, records
+from measure.records import RowWriter, environment
 
 ENV_LAUNCHED_AT = "BENCH_LAUNCHED_AT"
 """Epoch seconds at which the parent started this process, so that interpreter start-up counts too."""
@@ -144,18 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--edit-size", type=bench.parse_size, default=None, help="time a first edit of this size after ready"
     )
     parser.add_argument("--steps", type=int, default=28, help="steps of the first edit")
-    parser.add_argument("--jsonl", type=Path, help="append the rows here as JSON lines")
-    parser.add_argument("--part", help="a label for every row (the GPU kit's part)")
+    records.add_row_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    exit_at_deadline()
-    common = {"run_id": run_id()} | ({"part": args.part} if args.part else {})
-    with RowWriter(args.jsonl, **common) as writer:
+    args, writer = records.start(build_parser(), argv)
+    with writer:
         try:
             restart(args, writer)
         except Exception as e:
