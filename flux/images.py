@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import os
 import tempfile
 import uuid
@@ -117,14 +118,48 @@ def kontext_size(width: int, height: int) -> tuple[int, int]:
     return w, h
 
 
-def output_size(aspect_ratio: str, input_width: int, input_height: int) -> tuple[int, int]:
-    """(width, height) of the edited image."""
+def output_size(aspect_ratio: str, input_width: int, input_height: int, megapixels: float = 1.0) -> tuple[int, int]:
+    """(width, height) of the edited image; at 0.25 megapixels every size is halved on each side."""
     if aspect_ratio == MATCH_INPUT_IMAGE:
-        return kontext_size(input_width, input_height)
-    try:
-        return ASPECT_RATIO_SIZES[aspect_ratio]
-    except KeyError:
-        raise InvalidInputError("aspect_ratio", f"must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}") from None
+        size = kontext_size(input_width, input_height)
+    elif aspect_ratio in ASPECT_RATIO_SIZES:
+        size = ASPECT_RATIO_SIZES[aspect_ratio]
+    else:
+        raise InvalidInputError("aspect_ratio", f"must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
+    return scale_size(size, megapixels)
+
+
+MEGAPIXELS = (1.0, 0.25)
+"""The served sizes are about one megapixel; 0.25 halves every side (drafts: about 4× less work)."""
+
+
+def scale_size(size: tuple[int, int], area_factor: float, round_down: bool = False) -> tuple[int, int]:
+    """`size` (width, height) with its area scaled by `area_factor`, each side a multiple of 16 (the
+    latents are packed 2×2 after the VAE's 8× downsampling): the nearest one, or the next one down."""
+    side = math.sqrt(area_factor)
+
+    def snap(n: int) -> int:
+        x = n * side / 16
+        return 16 * max(1, math.floor(x) if round_down else math.floor(x + 0.5))
+
+    return snap(size[0]), snap(size[1])
+
+
+def stitch(imgs: list[PIL.Image.Image]) -> PIL.Image.Image:
+    """The images side by side, left to right, each resized (Lanczos) to the first one's height."""
+    height = imgs[0].height
+    resized = [
+        img
+        if img.height == height
+        else img.resize((max(1, round(img.width * height / img.height)), height), PIL.Image.LANCZOS)
+        for img in imgs
+    ]
+    canvas = PIL.Image.new("RGB", (sum(img.width for img in resized), height))
+    x = 0
+    for img in resized:
+        canvas.paste(img, (x, 0))
+        x += img.width
+    return canvas
 
 
 def image_to_tensor(img: PIL.Image.Image, width: int, height: int) -> torch.Tensor:
