@@ -57,15 +57,15 @@ class OutputFormat(enum.StrEnum):
 _PIL_FORMAT = {OutputFormat.WEBP: "WEBP", OutputFormat.JPG: "JPEG", OutputFormat.PNG: "PNG"}
 
 
-def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+def load_image(path: str | os.PathLike, name: str = "input_image") -> PIL.Image.Image:
     """Open an image file as RGB, with its EXIF orientation applied and transparency flattened.
 
-    Only the first frame of an animated image is used. Raises InvalidInputError naming
-    input_image, and saying why, for anything that is not a readable image of at most
-    MAX_INPUT_PIXELS pixels; the size is checked from the header, before decoding.
+    Only the first frame of an animated image is used. Raises InvalidInputError naming the input
+    `name`, and saying why, for anything that is not a readable image of at most MAX_INPUT_PIXELS
+    pixels; the size is checked from the header, before decoding.
     """
     if os.path.getsize(path) == 0:
-        raise InvalidInputError("input_image", "could not be read as an image: the file is empty")
+        raise InvalidInputError(name, "could not be read as an image: the file is empty")
     with warnings.catch_warnings():
         # Pillow warns from 89 MP; the limit enforced here is MAX_INPUT_PIXELS.
         warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
@@ -74,7 +74,7 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
                 width, height = img.size
                 if width * height > MAX_INPUT_PIXELS:
                     raise InvalidInputError(
-                        "input_image", f"is {width}×{height} pixels; the most accepted is {MAX_INPUT_PIXELS:,} pixels"
+                        name, f"is {width}×{height} pixels; the most accepted is {MAX_INPUT_PIXELS:,} pixels"
                     )
                 img = PIL.ImageOps.exif_transpose(img)
                 img.load()
@@ -82,18 +82,16 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
             raise
         except PIL.UnidentifiedImageError as e:
             raise InvalidInputError(
-                "input_image",
+                name,
                 "could not be read as an image: unrecognised or damaged file (send jpeg, png, gif or webp)",
             ) from e
         except PIL.Image.DecompressionBombError as e:
-            raise InvalidInputError("input_image", f"has more than {MAX_INPUT_PIXELS:,} pixels") from e
+            raise InvalidInputError(name, f"has more than {MAX_INPUT_PIXELS:,} pixels") from e
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             # Pillow's messages say what is wrong ("image file is truncated", "broken data stream");
             # the file's path on this machine is not the client's business.
             reason = str(e).replace(str(path), "the file")
-            raise InvalidInputError(
-                "input_image", f"could not be read as an image: the file is damaged ({reason})"
-            ) from e
+            raise InvalidInputError(name, f"could not be read as an image: the file is damaged ({reason})") from e
     return to_rgb(img)
 
 
