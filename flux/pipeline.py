@@ -20,10 +20,12 @@ from flux.lora import LoraRequest, LoraSlot
 from flux.model import FluxComponents, load_components
 from flux.optimize import Accelerations, optimize
 from flux.taylor_seer_utils import (
-    LEVEL_DEFAULT_ORDER,
     MAX_ORDER,
+    SCHEDULE_NAMES,
     AccelerationLevel,
+    StepSchedule,
     TaylorSeerConfig,
+    default_order,
     generate_compute_step_map,
 )
 
@@ -55,7 +57,7 @@ class EditRequest:
     num_inference_steps: int = sampling.DEFAULT_STEPS  # MIN_STEPS..MAX_STEPS
     guidance: float = sampling.DEFAULT_GUIDANCE  # embedded guidance, MIN_GUIDANCE..MAX_GUIDANCE (no CFG)
     seed: int | None = None  # None draws a random seed; 0 is a seed like any other
-    acceleration: AccelerationLevel = AccelerationLevel.GO_REALLY_FAST
+    acceleration: AccelerationLevel | StepSchedule = AccelerationLevel.GO_REALLY_FAST  # a level, or a schedule
     n_derivatives: int | None = None  # TaylorSeer order 1..MAX_ORDER; None: the level's default
     extra_images: tuple[PIL.Image.Image, ...] = ()  # up to MAX_EXTRA_IMAGES more reference images
     multi_image_mode: MultiImageMode = MultiImageMode.STITCH
@@ -78,9 +80,8 @@ class EditRequest:
             )
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
-        if self.acceleration not in list(AccelerationLevel):
-            levels = [level.value for level in AccelerationLevel]
-            raise InvalidInputError("acceleration", f"must be one of {levels}, got {self.acceleration!r}")
+        if self.acceleration not in SCHEDULE_NAMES:
+            raise InvalidInputError("acceleration", f"must be one of {SCHEDULE_NAMES}, got {self.acceleration!r}")
         if self.n_derivatives is not None:
             _check_int("n_derivatives", self.n_derivatives, 1, MAX_ORDER)
         if len(self.extra_images) > MAX_EXTRA_IMAGES:
@@ -245,7 +246,7 @@ class KontextEditor:
         step_map = generate_compute_step_map(request.acceleration, request.num_inference_steps)
         order = request.n_derivatives
         if order is None:
-            order = LEVEL_DEFAULT_ORDER[AccelerationLevel(request.acceleration)]
+            order = default_order(request.acceleration)
         with self.lora.applied(request.lora) if request.lora else contextlib.nullcontext({}) as lora_seconds:
             t0 = self._now()
             tokens = sampling.denoise(
