@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import logging
 import os
@@ -39,16 +40,15 @@ class LoraCache:
     @classmethod
     def from_env(cls) -> LoraCache:
         """$FLUX_LORA_CACHE (default: flux-lora-cache in the temporary directory), $FLUX_LORA_CACHE_BYTES,
-        and per file $FLUX_MAX_LORA_BYTES and $FLUX_LORA_DEADLINE_S."""
+        per file $FLUX_MAX_LORA_BYTES and $FLUX_LORA_DEADLINE_S, and the URL rule of the other inputs
+        ($FLUX_ALLOW_PRIVATE_URLS)."""
         directory = os.environ.get("FLUX_LORA_CACHE") or Path(tempfile.gettempdir()) / "flux-lora-cache"
-        return cls(
-            Path(directory),
-            int(os.environ.get("FLUX_LORA_CACHE_BYTES", DEFAULT_CACHE_BYTES)),
-            downloads.DownloadLimits(
-                int(os.environ.get("FLUX_MAX_LORA_BYTES", DEFAULT_MAX_BYTES)),
-                float(os.environ.get("FLUX_LORA_DEADLINE_S", DEFAULT_DEADLINE_S)),
-            ),
+        limits = dataclasses.replace(
+            downloads.DownloadLimits.from_env(),  # the URL rule of every input: public hosts only, unless allowed
+            max_bytes=int(os.environ.get("FLUX_MAX_LORA_BYTES", DEFAULT_MAX_BYTES)),
+            deadline_s=float(os.environ.get("FLUX_LORA_DEADLINE_S", DEFAULT_DEADLINE_S)),
         )
+        return cls(Path(directory), int(os.environ.get("FLUX_LORA_CACHE_BYTES", DEFAULT_CACHE_BYTES)), limits)
 
     def resolve(self, source: str) -> Path:
         """A local .safetensors file for `source`: an http(s) URL, a data URI, or a hub id `owner/name`
@@ -107,9 +107,11 @@ def _decode_data_uri(uri: str, limits: downloads.DownloadLimits) -> bytes:
 
 def _from_hub(repo: str, filename: str | None, dest, limits: downloads.DownloadLimits) -> None:
     """Copy the repository's .safetensors file (its only one, or `filename`) into `dest`."""
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    if constants.HF_HUB_OFFLINE:
+        raise InvalidInputError(NAME, f"could not be fetched from the hub repository {repo}: this server is offline")
     try:
         if filename is None:
             files = [f for f in HfApi().list_repo_files(repo) if f.endswith(".safetensors")]
