@@ -1,62 +1,46 @@
 """Cog adapter for FLUX.1 Kontext [dev] editing: declares the inputs, calls flux, returns a file."""
 
 import logging
-import pathlib
-import shutil
-import tempfile
-import time
 
 from cog import BaseRunner, Input, Path
 
-from flux import images, optimize, safety, sampling
-from flux.errors import InvalidInputError, UnsafeOutputError
-from flux.hardware import serving_device
-from flux.pipeline import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, EditRequest, KontextEditor
-from flux.taylor_seer_utils import AccelerationLevel
-from flux.weights import resolve_weights_dir
-from serving import downloads, memory
+from flux import images, sampling
+from flux.pipeline import MAX_EXTRA_IMAGES, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, MultiImageMode
+from flux.taylor_seer_utils import SCHEDULE_NAMES
+from serving.server import AUTO, MEGAPIXELS, RANDOM_SEED, EditServer, Inputs
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-AUTO = "auto"
-ACCELERATION_CHOICES = [AUTO, *(level.value for level in AccelerationLevel)]
-RANDOM_SEED = -1  # as many image APIs have it; blank means random too
 
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        # Input URLs: public hosts only, a total deadline and a size cap; failed fetches leave no file behind.
-        downloads.limit_cog_downloads("input_image")
-        # The weights (fetched from $FLUX_WEIGHTS_URL or the hub when missing) and a GPU, unless they are a
-        # test model or FLUX_DEVICE=cpu; each logs what it found and how long it took.
-        weights = resolve_weights_dir()
-        device = serving_device(weights)
-        # Before the model, so that missing checker weights fail setup in seconds, not after loading 34 GB.
-        checker = safety.checker_from_env(weights)
-        # Accelerations from $FLUX_ACCELERATIONS (default: flux.optimize's defaults for the device); with
-        # compile on, this also warms up every served shape and keeps the compiled artifacts with the weights.
-        t0 = time.perf_counter()
-        self.editor = KontextEditor.from_pretrained(
-            weights,
-            device=device,
-            accelerations=optimize.accelerations_from_env(),
-            compile_cache=optimize.compile_cache_from_env(weights),
-        )
-        logging.info("setup: loaded and prepared the model on %s in %.1f s", device, time.perf_counter() - t0)
-        if checker:
-            checker.to(self.editor.components.device).warm_up()
-        self.safety_checker = checker
-        self._last_output_dir: str | None = None
+        self.server = EditServer()
 
     def run(
         self,
         prompt: str = Input(description="Text instruction describing the edit, e.g. 'make the car red'."),
         input_image: Path = Input(description="Image to edit: jpeg, png, gif or webp."),
+        input_images: list[Path] | None = Input(
+            description=f"Up to {MAX_EXTRA_IMAGES} more reference images, e.g. a person and a place to put them in.",
+            default=None,
+        ),
+        multi_image_mode: str = Input(
+            description="With input_images: stitch puts all images side by side in one context image (what the "
+            "model was trained on); separate gives each image its own context tokens (experimental).",
+            choices=[mode.value for mode in MultiImageMode],
+            default=MultiImageMode.STITCH.value,
+        ),
         aspect_ratio: str = Input(
             description="Aspect ratio of the output. match_input_image keeps the input's (snapped to the "
             "nearest resolution Kontext was trained on).",
             choices=images.ASPECT_RATIOS,
             default=images.MATCH_INPUT_IMAGE,
+        ),
+        megapixels: str = Input(
+            description="Output size: 1 (about one megapixel), or 0.25 for a draft (every side halved, about 4x "
+            "less work).",
+            choices=list(MEGAPIXELS),
+            default="1",
         ),
         num_inference_steps: int = Input(
             description="Denoising steps.", ge=MIN_STEPS, le=MAX_STEPS, default=sampling.DEFAULT_STEPS
@@ -86,60 +70,34 @@ class Predictor(BaseRunner):
         ),
         acceleration: str = Input(
             description="TaylorSeer level. auto follows go_fast (true: go really fast, false: none); the others "
-            "override it: none computes every step, go fast 18 of 28, go really fast 13 of 28.",
-            choices=ACCELERATION_CHOICES,
+            "override it: none computes every step, go fast 18 of 28, go really fast 13 of 28; the front-loaded "
+            "schedules make as many calls, more of them early (experimental).",
+            choices=[AUTO, *SCHEDULE_NAMES],
             default=AUTO,
         ),
+        lora_weights: str | None = Input(
+            description="A LoRA for this edit: an http(s) URL or data URI of a .safetensors file, or a hub id "
+            "owner/name.",
+            default=None,
+        ),
+        lora_strength: float = Input(description="How strongly the LoRA applies.", ge=-1.0, le=3.0, default=1.0),
     ) -> Path:
-        # The server hands over uploads, data URIs and URLs as downloaded files (a Path); a plain
-        # string is a path on this machine that the client typed, and must not be read.
-        if not isinstance(input_image, pathlib.Path):
-            raise InvalidInputError(
-                "input_image", "must be an uploaded file, a data URI or an http(s) URL, not a path on the server"
-            )
-        if not disable_safety_checker and self.safety_checker is None:
-            raise InvalidInputError(
-                "disable_safety_checker",
-                f"must be true on this server: it runs without a safety checker ({safety.ENV_SWITCH}=off)",
-            )
-        if acceleration == AUTO:
-            acceleration = AccelerationLevel.GO_REALLY_FAST if go_fast else AccelerationLevel.NONE
-        request = EditRequest(
+        inputs = Inputs(
             prompt=prompt,
-            image=images.load_image(input_image),
+            input_image=input_image,
+            input_images=input_images,
+            multi_image_mode=multi_image_mode,
             aspect_ratio=aspect_ratio,
+            megapixels=megapixels,
             num_inference_steps=num_inference_steps,
             guidance=guidance,
-            seed=None if seed == RANDOM_SEED else seed,
+            seed=seed,
+            output_format=output_format,
+            output_quality=output_quality,
+            disable_safety_checker=disable_safety_checker,
+            go_fast=go_fast,
             acceleration=acceleration,
+            lora_weights=lora_weights,
+            lora_strength=lora_strength,
         )
-        request.validate()
-        request = request.with_seed()
-        print(f"Using seed: {request.seed}")
-
-        def progress(step: sampling.Step) -> None:
-            print(f"Step {step.index + 1}/{num_inference_steps}" + ("" if step.computed else " (TaylorSeer)"))
-
-        result = self.editor.edit(request, on_step=progress)
-        print(f"Transformer calls: {result.transformer_calls} of {num_inference_steps} steps ({acceleration})")
-        # Checked before anything is written: an unsafe image never reaches a file.
-        if disable_safety_checker:
-            print("Safety checker: off for this prediction (disable_safety_checker)")
-        else:
-            verdict = self.safety_checker.check(result.image)
-            print(f"Safety checker: {verdict}")
-            if verdict.unsafe:
-                raise UnsafeOutputError()
-        note = ""
-        if result.random_weights:
-            note = "generated with RANDOM test weights, not a real edit"
-            print(f"Warning: {note}")
-        # Each prediction writes into a fresh directory; the previous one has been read by the server
-        # by the time the next prediction starts (one at a time), so it is removed then.
-        if self._last_output_dir:
-            shutil.rmtree(self._last_output_dir, ignore_errors=True)
-        self._last_output_dir = tempfile.mkdtemp(prefix="flux-kontext-")
-        output = Path(images.save_image(result.image, self._last_output_dir, output_format, output_quality, note))
-        # This prediction's tensors are freed by now: hand the memory back, so that resident memory stays flat.
-        memory.release_free_memory()
-        return output
+        return Path(self.server.predict(inputs, self.record_metric))

@@ -6,6 +6,7 @@ class InvalidInputError(ValueError):
 
     def __init__(self, name: str, problem: str):
         self.name = name
+        self.problem = problem
         super().__init__(f"{name} {problem}")
 
 

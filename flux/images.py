@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import os
 import tempfile
 import uuid
@@ -56,15 +57,15 @@ class OutputFormat(enum.StrEnum):
 _PIL_FORMAT = {OutputFormat.WEBP: "WEBP", OutputFormat.JPG: "JPEG", OutputFormat.PNG: "PNG"}
 
 
-def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+def load_image(path: str | os.PathLike, name: str = "input_image") -> PIL.Image.Image:
     """Open an image file as RGB, with its EXIF orientation applied and transparency flattened.
 
-    Only the first frame of an animated image is used. Raises InvalidInputError naming
-    input_image, and saying why, for anything that is not a readable image of at most
-    MAX_INPUT_PIXELS pixels; the size is checked from the header, before decoding.
+    Only the first frame of an animated image is used. Raises InvalidInputError naming the input
+    `name`, and saying why, for anything that is not a readable image of at most MAX_INPUT_PIXELS
+    pixels; the size is checked from the header, before decoding.
     """
     if os.path.getsize(path) == 0:
-        raise InvalidInputError("input_image", "could not be read as an image: the file is empty")
+        raise InvalidInputError(name, "could not be read as an image: the file is empty")
     with warnings.catch_warnings():
         # Pillow warns from 89 MP; the limit enforced here is MAX_INPUT_PIXELS.
         warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
@@ -73,7 +74,7 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
                 width, height = img.size
                 if width * height > MAX_INPUT_PIXELS:
                     raise InvalidInputError(
-                        "input_image", f"is {width}×{height} pixels; the most accepted is {MAX_INPUT_PIXELS:,} pixels"
+                        name, f"is {width}×{height} pixels; the most accepted is {MAX_INPUT_PIXELS:,} pixels"
                     )
                 img = PIL.ImageOps.exif_transpose(img)
                 img.load()
@@ -81,18 +82,16 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
             raise
         except PIL.UnidentifiedImageError as e:
             raise InvalidInputError(
-                "input_image",
+                name,
                 "could not be read as an image: unrecognised or damaged file (send jpeg, png, gif or webp)",
             ) from e
         except PIL.Image.DecompressionBombError as e:
-            raise InvalidInputError("input_image", f"has more than {MAX_INPUT_PIXELS:,} pixels") from e
+            raise InvalidInputError(name, f"has more than {MAX_INPUT_PIXELS:,} pixels") from e
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             # Pillow's messages say what is wrong ("image file is truncated", "broken data stream");
             # the file's path on this machine is not the client's business.
             reason = str(e).replace(str(path), "the file")
-            raise InvalidInputError(
-                "input_image", f"could not be read as an image: the file is damaged ({reason})"
-            ) from e
+            raise InvalidInputError(name, f"could not be read as an image: the file is damaged ({reason})") from e
     return to_rgb(img)
 
 
@@ -117,14 +116,48 @@ def kontext_size(width: int, height: int) -> tuple[int, int]:
     return w, h
 
 
-def output_size(aspect_ratio: str, input_width: int, input_height: int) -> tuple[int, int]:
-    """(width, height) of the edited image."""
+def output_size(aspect_ratio: str, input_width: int, input_height: int, megapixels: float = 1.0) -> tuple[int, int]:
+    """(width, height) of the edited image; at 0.25 megapixels every size is halved on each side."""
     if aspect_ratio == MATCH_INPUT_IMAGE:
-        return kontext_size(input_width, input_height)
-    try:
-        return ASPECT_RATIO_SIZES[aspect_ratio]
-    except KeyError:
-        raise InvalidInputError("aspect_ratio", f"must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}") from None
+        size = kontext_size(input_width, input_height)
+    elif aspect_ratio in ASPECT_RATIO_SIZES:
+        size = ASPECT_RATIO_SIZES[aspect_ratio]
+    else:
+        raise InvalidInputError("aspect_ratio", f"must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
+    return scale_size(size, megapixels)
+
+
+MEGAPIXELS = (1.0, 0.25)
+"""The served sizes are about one megapixel; 0.25 halves every side (drafts: about 4× less work)."""
+
+
+def scale_size(size: tuple[int, int], area_factor: float, round_down: bool = False) -> tuple[int, int]:
+    """`size` (width, height) with its area scaled by `area_factor`, each side a multiple of 16 (the
+    latents are packed 2×2 after the VAE's 8× downsampling): the nearest one, or the next one down."""
+    side = math.sqrt(area_factor)
+
+    def snap(n: int) -> int:
+        x = n * side / 16
+        return 16 * max(1, math.floor(x) if round_down else math.floor(x + 0.5))
+
+    return snap(size[0]), snap(size[1])
+
+
+def stitch(imgs: list[PIL.Image.Image]) -> PIL.Image.Image:
+    """The images side by side, left to right, each resized (Lanczos) to the first one's height."""
+    height = imgs[0].height
+    resized = [
+        img
+        if img.height == height
+        else img.resize((max(1, round(img.width * height / img.height)), height), PIL.Image.LANCZOS)
+        for img in imgs
+    ]
+    canvas = PIL.Image.new("RGB", (sum(img.width for img in resized), height))
+    x = 0
+    for img in resized:
+        canvas.paste(img, (x, 0))
+        x += img.width
+    return canvas
 
 
 def image_to_tensor(img: PIL.Image.Image, width: int, height: int) -> torch.Tensor:

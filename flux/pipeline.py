@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import logging
 import math
 import secrets
@@ -14,13 +16,16 @@ import torch
 
 from flux import clock, images, sampling
 from flux.errors import InvalidInputError
+from flux.lora import LoraRequest, LoraSlot
 from flux.model import FluxComponents, load_components
 from flux.optimize import Accelerations, optimize
 from flux.taylor_seer_utils import (
-    LEVEL_DEFAULT_ORDER,
     MAX_ORDER,
+    SCHEDULE_NAMES,
     AccelerationLevel,
+    StepSchedule,
     TaylorSeerConfig,
+    default_order,
     generate_compute_step_map,
 )
 
@@ -29,6 +34,17 @@ logger = logging.getLogger(__name__)
 MIN_STEPS, MAX_STEPS = 4, 50
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 10.0
 MAX_SEED = 2**63 - 1
+MAX_EXTRA_IMAGES = 4
+SEPARATE_CONTEXT_AREA = 2.0
+"""In `separate` mode the reference images are scaled down together to about this many times one served
+size (two megapixels at megapixels=1), so the context holds at most about 8,300 tokens whatever their count."""
+
+
+class MultiImageMode(enum.StrEnum):
+    """How several reference images condition the edit."""
+
+    STITCH = "stitch"  # side by side in one context image: what the released model was trained on
+    SEPARATE = "separate"  # each image its own context tokens, position-id plane 1, 2, ... (experimental)
 
 
 @dataclass(frozen=True)
@@ -41,8 +57,12 @@ class EditRequest:
     num_inference_steps: int = sampling.DEFAULT_STEPS  # MIN_STEPS..MAX_STEPS
     guidance: float = sampling.DEFAULT_GUIDANCE  # embedded guidance, MIN_GUIDANCE..MAX_GUIDANCE (no CFG)
     seed: int | None = None  # None draws a random seed; 0 is a seed like any other
-    acceleration: AccelerationLevel = AccelerationLevel.GO_REALLY_FAST
+    acceleration: AccelerationLevel | StepSchedule = AccelerationLevel.GO_REALLY_FAST  # a level, or a schedule
     n_derivatives: int | None = None  # TaylorSeer order 1..MAX_ORDER; None: the level's default
+    extra_images: tuple[PIL.Image.Image, ...] = ()  # up to MAX_EXTRA_IMAGES more reference images
+    multi_image_mode: MultiImageMode = MultiImageMode.STITCH
+    megapixels: float = 1.0  # one of images.MEGAPIXELS
+    lora: LoraRequest | None = None
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -60,11 +80,37 @@ class EditRequest:
             )
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
-        if self.acceleration not in list(AccelerationLevel):
-            levels = [level.value for level in AccelerationLevel]
-            raise InvalidInputError("acceleration", f"must be one of {levels}, got {self.acceleration!r}")
+        if self.acceleration not in SCHEDULE_NAMES:
+            raise InvalidInputError("acceleration", f"must be one of {SCHEDULE_NAMES}, got {self.acceleration!r}")
         if self.n_derivatives is not None:
             _check_int("n_derivatives", self.n_derivatives, 1, MAX_ORDER)
+        if len(self.extra_images) > MAX_EXTRA_IMAGES:
+            raise InvalidInputError(
+                "input_images", f"holds at most {MAX_EXTRA_IMAGES} images, got {len(self.extra_images)}"
+            )
+        if not all(isinstance(img, PIL.Image.Image) for img in self.extra_images):
+            raise InvalidInputError("input_images", "must be images")
+        if self.multi_image_mode not in list(MultiImageMode):
+            modes = [mode.value for mode in MultiImageMode]
+            raise InvalidInputError("multi_image_mode", f"must be one of {modes}, got {self.multi_image_mode!r}")
+        if self.megapixels not in images.MEGAPIXELS:
+            raise InvalidInputError("megapixels", f"must be one of {list(images.MEGAPIXELS)}, got {self.megapixels!r}")
+        if self.lora is not None and not (
+            isinstance(self.lora.strength, (int, float)) and math.isfinite(self.lora.strength)
+        ):
+            raise InvalidInputError("lora_strength", f"must be a number, got {self.lora.strength!r}")
+
+    def context_images(self) -> list[tuple[PIL.Image.Image, tuple[int, int]]]:
+        """The context image(s) and the size (width, height) each is encoded at."""
+        scale = self.megapixels
+        if not self.extra_images:
+            return [(self.image, images.scale_size(images.kontext_size(*self.image.size), scale))]
+        all_images = [self.image, *self.extra_images]
+        if self.multi_image_mode == MultiImageMode.STITCH:
+            stitched = images.stitch(all_images)
+            return [(stitched, images.scale_size(images.kontext_size(*stitched.size), scale))]
+        share = scale * min(1.0, SEPARATE_CONTEXT_AREA / len(all_images))
+        return [(img, images.scale_size(images.kontext_size(*img.size), share, round_down=True)) for img in all_images]
 
     def with_seed(self) -> EditRequest:
         """This request with a seed: its own, or a random one if it has none."""
@@ -88,6 +134,7 @@ class EditResult:
     transformer_calls: int
     random_weights: bool
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
+    context_tokens: int = 0  # packed tokens of the reference image(s)
 
 
 class KontextEditor:
@@ -96,6 +143,7 @@ class KontextEditor:
     def __init__(self, components: FluxComponents):
         self.components = components
         self.schedule = sampling.ScheduleConfig.from_scheduler_config(components.scheduler.config)
+        self.lora = LoraSlot(components.transformer)
 
     @classmethod
     def from_pretrained(
@@ -158,11 +206,9 @@ class KontextEditor:
     def edit(self, request: EditRequest, on_step: sampling.StepCallback | None = None) -> EditResult:
         """Run one edit. Raises InvalidInputError naming the input for a bad request."""
         request.validate()
-        context_size = images.kontext_size(*request.image.size)
-        output_size = images.output_size(request.aspect_ratio, *request.image.size)
-        return self.edit_at_size(request, context_size, output_size, on_step)
+        output_size = images.output_size(request.aspect_ratio, *request.image.size, request.megapixels)
+        return self._edit(request, request.context_images(), output_size, on_step)
 
-    @torch.inference_mode()
     def edit_at_size(
         self,
         request: EditRequest,
@@ -173,38 +219,52 @@ class KontextEditor:
         """edit() with the context image resized to `context_size` and an output of `output_size`
         ((width, height), multiples of 16) instead of the served sizes: for benchmarks at other resolutions.
         The request is assumed valid."""
+        return self._edit(request, [(request.image, context_size)], output_size, on_step)
+
+    @torch.inference_mode()
+    def _edit(
+        self,
+        request: EditRequest,
+        contexts: list[tuple[PIL.Image.Image, tuple[int, int]]],
+        output_size: tuple[int, int],
+        on_step: sampling.StepCallback | None,
+    ) -> EditResult:
         request = request.with_seed()
         seed = request.seed
-        (src_w, src_h), (out_w, out_h) = context_size, output_size
+        out_w, out_h = output_size
         seconds: dict[str, float] = {}
         t0 = self._now()
         txt, vec = self.encode_prompt(request.prompt)
         seconds["text"] = self._now() - t0
 
         t0 = self._now()
-        context = self.encode_image(images.image_to_tensor(request.image, src_w, src_h))
+        context = [self.encode_image(images.image_to_tensor(img, w, h)) for img, (w, h) in contexts]
         seconds["image"] = self._now() - t0
 
-        t0 = self._now()
         inputs = sampling.kontext_inputs(context, txt, vec, out_h // 8, out_w // 8, seed)
         timesteps = sampling.get_schedule(request.num_inference_steps, inputs.noise.shape[1], self.schedule)
         step_map = generate_compute_step_map(request.acceleration, request.num_inference_steps)
         order = request.n_derivatives
         if order is None:
-            order = LEVEL_DEFAULT_ORDER[AccelerationLevel(request.acceleration)]
-        tokens = sampling.denoise(
-            self.components.transformer,
-            inputs,
-            timesteps,
-            request.guidance,
-            step_map,
-            TaylorSeerConfig(order=order),
-            on_step,
-        )
+            order = default_order(request.acceleration)
+        with self.lora.applied(request.lora) if request.lora else contextlib.nullcontext({}) as lora_seconds:
+            t0 = self._now()
+            tokens = sampling.denoise(
+                self.components.transformer,
+                inputs,
+                timesteps,
+                request.guidance,
+                step_map,
+                TaylorSeerConfig(order=order),
+                on_step,
+            )
+            seconds["denoise"] = self._now() - t0
+        seconds.update(lora_seconds)
         latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
-        seconds["denoise"] = self._now() - t0
 
         t0 = self._now()
         image = images.tensor_to_image(self.decode(latents))
         seconds["decode"] = self._now() - t0
-        return EditResult(image, seed, latents, sum(step_map), self.components.random_weights, seconds)
+        calls = sum(step_map)
+        tokens_in_context = inputs.context.shape[1]
+        return EditResult(image, seed, latents, calls, self.components.random_weights, seconds, tokens_in_context)

@@ -93,7 +93,7 @@ class KontextInputs:
 
     noise: torch.Tensor  # (B, N, 4C) float32, the starting point of the trajectory
     context: torch.Tensor  # (B, M, 4C) packed context-image latents; never change
-    img_ids: torch.Tensor  # (N + M, 3) noise ids [0, r, c] then context ids [1, r, c]
+    img_ids: torch.Tensor  # (N + M, 3) noise ids [0, r, c] then context ids [1, r, c] (2, 3, ... for more images)
     txt: torch.Tensor  # (B, L, D) T5 hidden states
     txt_ids: torch.Tensor  # (L, 3) zeros
     vec: torch.Tensor  # (B, P) CLIP pooled embedding
@@ -102,7 +102,7 @@ class KontextInputs:
 
 
 def kontext_inputs(
-    context_latents: torch.Tensor,
+    context_latents: torch.Tensor | Sequence[torch.Tensor],
     txt: torch.Tensor,
     vec: torch.Tensor,
     latent_height: int,
@@ -111,16 +111,20 @@ def kontext_inputs(
 ) -> KontextInputs:
     """Kontext conditioning: noise tokens first, the context image's tokens after them.
 
-    context_latents: (B, C, hc, wc), already shifted and scaled VAE latents of the input image.
+    context_latents: (B, C, hc, wc), already shifted and scaled VAE latents of the input image; or several
+    such latents, one per reference image, whose tokens follow each other with first position-id coordinate
+    1, 2, ... (each image its own plane, as the single context image has plane 1).
     """
-    b, c, hc, wc = context_latents.shape
-    device = context_latents.device
+    contexts = [context_latents] if isinstance(context_latents, torch.Tensor) else list(context_latents)
+    b, c = contexts[0].shape[:2]
+    device = contexts[0].device
     noise = pack(make_noise(seed, (b, c, latent_height, latent_width))).to(device)
-    img_ids = torch.cat([position_ids(latent_height, latent_width, 0), position_ids(hc, wc, 1)]).to(device)
+    ids = [position_ids(latent_height, latent_width, 0)]
+    ids += [position_ids(x.shape[2], x.shape[3], i) for i, x in enumerate(contexts, start=1)]
     return KontextInputs(
         noise=noise,
-        context=pack(context_latents),
-        img_ids=img_ids,
+        context=torch.cat([pack(x) for x in contexts], dim=1),
+        img_ids=torch.cat(ids).to(device),
         txt=txt,
         txt_ids=torch.zeros(txt.shape[1], 3, device=device),
         vec=vec,

@@ -84,6 +84,18 @@ SCHEDULE_DEFAULT_ORDER: dict[StepSchedule, int] = {
 }
 
 
+SCHEDULE_NAMES = [m.value for m in (*AccelerationLevel, *StepSchedule)]
+"""Every name generate_compute_step_map and default_order take: the three levels, then the other schedules."""
+
+
+def default_order(name: AccelerationLevel | StepSchedule | str) -> int:
+    """The TaylorSeer order a level or schedule extrapolates with when the request names none."""
+    schedule = _schedule(name)
+    return (
+        LEVEL_DEFAULT_ORDER[schedule] if isinstance(schedule, AccelerationLevel) else SCHEDULE_DEFAULT_ORDER[schedule]
+    )
+
+
 def _schedule(name: AccelerationLevel | StepSchedule | str) -> AccelerationLevel | StepSchedule:
     if isinstance(name, AccelerationLevel | StepSchedule):
         return name
@@ -94,8 +106,7 @@ def _schedule(name: AccelerationLevel | StepSchedule | str) -> AccelerationLevel
     try:
         return StepSchedule(name)
     except ValueError:
-        names = [m.value for m in (*AccelerationLevel, *StepSchedule)]
-        raise ValueError(f"unknown acceleration {name!r}: one of {names}") from None
+        raise ValueError(f"unknown acceleration {name!r}: one of {SCHEDULE_NAMES}") from None
 
 
 def generate_compute_step_map(level: AccelerationLevel | StepSchedule | str, num_inference_steps: int) -> list[bool]:

@@ -64,7 +64,7 @@ def input_schemas(predictor_ref: str = "predict.py:Predictor") -> tuple[dict, di
             prop.update(field.type.json_type())
         if field.default is not None:
             prop["default"] = field.default
-        elif field.type.repetition is Repetition.OPTIONAL:
+        elif field.type.repetition in (Repetition.OPTIONAL, Repetition.OPTIONAL_REPEATED):
             # Optional with None as its default: omitted or null both mean "none given".
             prop["default"] = None
             prop["nullable"] = True

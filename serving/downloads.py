@@ -25,6 +25,7 @@ import binascii
 import functools
 import ipaddress
 import os
+import pathlib
 import socket
 import tempfile
 import threading
@@ -287,13 +288,32 @@ def copy_limited(src: BinaryIO, dest: BinaryIO, name: str, limits: DownloadLimit
     return total
 
 
-def limit_cog_downloads(name: str, limits: DownloadLimits | None = None) -> None:
+FILE_INPUT_HINT = "must be an uploaded file, a data URI or an http(s) URL, not a path on the server"
+
+
+def file_input(name: str, value: object) -> pathlib.Path:
+    """The local file Cog made for the file input `name`, or InvalidInputError naming `name`.
+
+    Cog fetches file inputs before the predictor runs, in threads that do not know which input a URL
+    belongs to; a fetch that failed left a FailedInput (see limit_cog_downloads), and its reason is raised
+    here under the input's name. A plain string is a path on this machine that the client typed, and must
+    not be read.
+    """
+    problem = getattr(value, "failed_input_problem", None)
+    if problem is not None:
+        raise InvalidInputError(name, problem)
+    if not isinstance(value, pathlib.Path):
+        raise InvalidInputError(name, FILE_INPUT_HINT)
+    return value
+
+
+def limit_cog_downloads(limits: DownloadLimits | None = None) -> None:
     """Make Cog fetch file inputs of this process with `fetch`/`copy_limited` under `limits`.
 
-    `name` is the input the errors name (this predictor has one file input). Cog hands the
-    predictor a `cog.types.URLPath` for a URL or data URI and calls its `convert()` to download
-    it before `run()`; that method is replaced here. Decoding a data URI happens earlier, when the
-    request is validated: errors there are re-raised naming the input.
+    Cog hands the predictor a `cog.types.URLPath` for a URL or data URI and calls its `convert()` to
+    download it before `run()`; that method is replaced here. Decoding a data URI happens earlier, when the
+    request is validated. Neither knows which input it serves, so a failure does not raise there: it
+    becomes a FailedInput that `file_input()` turns into an error naming the input.
     """
     import cog.types
 
@@ -303,19 +323,31 @@ def limit_cog_downloads(name: str, limits: DownloadLimits | None = None) -> None
         raise RuntimeError("this cog version has no URLPath.convert / Path.validate to limit downloads with")
     original_validate = cog_path.validate.__func__
 
+    class FailedInput(cog_path):
+        """Stands in for a file input that could not be fetched or decoded; nothing exists at its path."""
+
+    def failed(problem: str) -> cog.types.Path:
+        path = FailedInput(os.devnull, "failed-input")
+        path.failed_input_problem = problem
+        return path
+
     def convert(self: cog.types.URLPath) -> cog.types.Path:
         if self._path is None:
             fd, tmp = tempfile.mkstemp(suffix=self.filename)
             try:
                 with os.fdopen(fd, "wb") as dest:
                     if urllib.parse.urlsplit(self.source).scheme in ("http", "https"):
-                        fetch(self.source, dest, name, limits)
+                        fetch(self.source, dest, _UNNAMED, limits)
                     else:
-                        copy_limited(self.fileobj, dest, name, limits)
+                        copy_limited(self.fileobj, dest, _UNNAMED, limits)
+            except InvalidInputError as e:
+                os.unlink(tmp)
+                self._path = failed(e.problem)
             except BaseException:
                 os.unlink(tmp)
                 raise
-            self._path = cog_path(tmp)
+            else:
+                self._path = cog_path(tmp)
         return self._path
 
     def validate(cls: type, value: object) -> object:
@@ -323,8 +355,11 @@ def limit_cog_downloads(name: str, limits: DownloadLimits | None = None) -> None
             return original_validate(cls, value)
         except (binascii.Error, ValueError, OSError) as e:
             if isinstance(value, str) and value.startswith("data:"):
-                raise InvalidInputError(name, f"could not be read: the data URI is not valid base64 ({e})") from e
+                return failed(f"could not be read: the data URI is not valid base64 ({e})")
             raise
 
     url_path.convert = convert
     cog_path.validate = classmethod(validate)
+
+
+_UNNAMED = "the file input"  # fetch() names its errors; the name is put back by file_input()

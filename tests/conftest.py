@@ -1,3 +1,9 @@
+import os
+
+# Tests talk to loopback only: the hub client must never try the network (the servers the tests start
+# inherit this too).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import numpy as np
 import PIL.Image
 import pytest

@@ -227,7 +227,7 @@ def limited_cog(monkeypatch):
     """cog.types with this process's downloads limited; restored afterwards."""
     monkeypatch.setattr(cog.types.URLPath, "convert", cog.types.URLPath.convert)
     monkeypatch.setattr(cog.types.Path, "validate", cog.types.Path.validate)
-    downloads.limit_cog_downloads("input_image", LIMITS)
+    downloads.limit_cog_downloads(LIMITS)
     return cog.types
 
 
@@ -237,17 +237,26 @@ def test_cog_url_inputs_download_through_the_limits(http, limited_cog, tmp_path,
     path = limited_cog.Path.validate(f"{http.url}/image.png").convert()
     assert path.read_bytes() == PNG
     path.unlink()
-    with pytest.raises(InvalidInputError, match="larger than"):
-        limited_cog.Path.validate(f"{http.url}/huge.png").convert()
+    # A failed fetch does not know its input's name: it stands in for the file until the predictor names it.
+    failed = limited_cog.Path.validate(f"{http.url}/huge.png").convert()
     assert list(tmp_path.iterdir()) == []  # nothing left behind by the failed download
+    for name in ("input_image", "input_images"):
+        with pytest.raises(InvalidInputError, match=f"^{name} could not be downloaded .* larger than"):
+            downloads.file_input(name, failed)
 
 
 def test_cog_data_uris_are_capped_and_bad_base64_is_named(limited_cog):
     small = limited_cog.Path.validate("data:image/png;base64,iVBORw0KGgo=").convert()
     assert small.read_bytes() == b"\x89PNG\r\n\x1a\n"
     small.unlink()
-    with pytest.raises(InvalidInputError, match="^input_image could not be read: the data URI is not valid base64"):
-        limited_cog.Path.validate("data:image/png;base64,abcde")
-    big = "data:image/png;base64," + "A" * (8 << 20)
+    bad = limited_cog.Path.validate("data:image/png;base64,abcde")
+    with pytest.raises(InvalidInputError, match="^input_images could not be read: the data URI is not valid base64"):
+        downloads.file_input("input_images", bad)
+    big = limited_cog.Path.validate("data:image/png;base64," + "A" * (8 << 20)).convert()
     with pytest.raises(InvalidInputError, match="^input_image is larger than 5,242,880 bytes"):
-        limited_cog.Path.validate(big).convert()
+        downloads.file_input("input_image", big)
+
+
+def test_a_plain_string_is_not_a_file_input():
+    with pytest.raises(InvalidInputError, match="^input_image must be an uploaded file"):
+        downloads.file_input("input_image", "/etc/passwd")

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from flux import images
 from flux.errors import InvalidInputError
@@ -99,3 +100,71 @@ def test_the_level_picks_the_extrapolation_order_unless_the_request_names_one(
     monkeypatch.setattr(sampling, "denoise", spy)
     edit(editor, seed=0, acceleration=level, n_derivatives=n_derivatives)
     assert [s.order for s in seen] == [expected]
+
+
+# ---- several reference images, draft megapixels ----
+
+
+@pytest.mark.parametrize("aspect_ratio", [images.MATCH_INPUT_IMAGE, "16:9", "2:3"])
+def test_a_quarter_megapixel_halves_every_side(editor, aspect_ratio):
+    full = images.output_size(aspect_ratio, *IMAGE.size)
+    draft = edit(editor, seed=0, aspect_ratio=aspect_ratio, megapixels=0.25)
+    assert draft.image.size == images.scale_size(full, 0.25)
+    assert all(n % 16 == 0 for n in draft.image.size)  # halved, on the 16-pixel grid
+    assert abs(draft.image.size[0] - full[0] / 2) <= 8 and abs(draft.image.size[1] - full[1] / 2) <= 8
+    context = images.kontext_size(*IMAGE.size)
+    assert draft.context_tokens == images.scale_size(context, 0.25)[0] * images.scale_size(context, 0.25)[1] // 256
+
+
+def test_stitch_puts_the_images_side_by_side_in_one_context_image(editor):
+    second = make_image(100, 300, seed=3)
+    request = EditRequest("put them together", IMAGE, extra_images=(second,))
+    ((stitched, size),) = request.context_images()
+    assert stitched.size == (200 + 50, 150)  # the second resized to the first one's height
+    assert size == images.kontext_size(250, 150)
+    result = edit(editor, seed=0, extra_images=(second,))
+    assert result.image.size == images.kontext_size(*IMAGE.size)  # match_input_image follows input_image
+    assert result.context_tokens == size[0] * size[1] // 256
+
+
+def test_separate_gives_each_image_its_own_plane_within_the_token_bound(editor):
+    from flux import sampling
+
+    extras = tuple(make_image(120 + 40 * i, 160, seed=i) for i in range(4))
+    request = EditRequest("combine", IMAGE, extra_images=extras, multi_image_mode="separate")
+    contexts = request.context_images()
+    assert len(contexts) == 5
+    tokens = [w * h // 256 for _, (w, h) in contexts]
+    assert sum(tokens) <= 2 * 4150  # two megapixels' worth of the largest preferred resolution
+    latents = [torch.zeros(1, 16, h // 8, w // 8) for _, (w, h) in contexts]
+    inputs = sampling.kontext_inputs(latents, torch.zeros(1, 5, 32), torch.zeros(1, 32), 8, 8, seed=0)
+    planes = inputs.img_ids[16:, 0].tolist()
+    assert planes == [float(i + 1) for i, n in enumerate(tokens) for _ in range(n)]
+    result = edit(editor, seed=0, extra_images=extras[:1], multi_image_mode="separate")
+    assert result.context_tokens == sum(
+        w * h // 256
+        for _, (w, h) in EditRequest("x", IMAGE, extra_images=extras[:1], multi_image_mode="separate").context_images()
+    )
+
+
+def test_the_modes_give_different_edits(editor):
+    second = make_image(200, 150, seed=9)
+    a = edit(editor, seed=0, extra_images=(second,)).latents
+    b = edit(editor, seed=0, extra_images=(second,), multi_image_mode="separate").latents
+    c = edit(editor, seed=0).latents
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("extra_images", tuple([IMAGE] * 5)),
+        ("extra_images", ("not an image",)),
+        ("multi_image_mode", "collage"),
+        ("megapixels", 0.5),
+    ],
+)
+def test_bad_multi_image_and_megapixel_inputs_are_named(editor, field, value):
+    with pytest.raises(InvalidInputError) as e:
+        edit(editor, **{field: value})
+    assert e.value.name == {"extra_images": "input_images"}.get(field, field)

@@ -1,0 +1,170 @@
+"""A LoRA for one request: read with diffusers' Flux LoRA support, fused into the transformer's weights for
+the edit, then taken out exactly.
+
+diffusers reads the file and converts the key formats it knows (diffusers/peft, kohya, XLabs, fal Kontext) to
+its own; peft injects the LoRA layers and merges them into the base weights (`fuse_lora`); the LoRA layers are
+then removed again (`unload_lora`), which leaves the plain modules with the merged weights. The transformer
+keeps its structure, so a compiled transformer runs the LoRA request without recompiling.
+
+Afterwards each touched weight gets its original values back from a copy kept on the CPU. Subtracting the
+LoRA again (`unfuse_lora`) would not give the same bits (bfloat16 rounding), and the next request must give
+exactly the image of a server that never saw the LoRA. The copies are made the first time a layer is touched
+and kept: the base weights never change, so later LoRA requests pay only the copy back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import torch
+
+from flux.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+INPUT = "lora_weights"
+ADAPTER = "request"
+_PREFIX = "transformer."
+_LORA_TENSORS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """A LoRA to apply to one edit: a local .safetensors file and its strength."""
+
+    path: Path
+    strength: float = 1.0
+
+
+class LoraSlot:
+    """Applies one LoRA at a time to a transformer and restores the exact original weights afterwards."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+        self._originals: dict[str, torch.Tensor] = {}  # module name -> its original weight, on the CPU
+
+    def check_supported(self) -> None:
+        """Refuse the accelerations a LoRA cannot be fused into."""
+        t = self.transformer
+        if any(getattr(m, "fused_projections", False) for m in t.modules()):
+            raise InvalidInputError(INPUT, "cannot be used: this server fuses the QKV projections (FLUX_ACCELERATIONS)")
+        if not all(_is_plain(m.weight) for m in _linears(t)):
+            raise InvalidInputError(INPUT, "cannot be used: this server runs fp8 linear layers (FLUX_ACCELERATIONS)")
+
+    @contextlib.contextmanager
+    def applied(self, lora: LoraRequest) -> Iterator[dict[str, float]]:
+        """Fuse `lora` into the transformer for the body of the `with`; yields seconds per phase."""
+        self.check_supported()
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        state_dict, alphas, metadata = read_lora(lora.path)
+        targets = _target_modules(state_dict, self.transformer)
+        self._keep_originals(targets)
+        try:
+            kwargs = {"metadata": metadata} if metadata else {"network_alphas": alphas or None}
+            self.transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=ADAPTER, **kwargs)
+            self.transformer.fuse_lora(lora_scale=lora.strength, adapter_names=[ADAPTER])
+            self.transformer.unload_lora()
+            _synchronize(self.transformer)
+            seconds["lora_load"] = time.perf_counter() - t0
+            yield seconds
+        finally:
+            t0 = time.perf_counter()
+            self._restore(targets)
+            seconds["lora_unload"] = time.perf_counter() - t0
+
+    def _keep_originals(self, targets: list[str]) -> None:
+        modules = dict(self.transformer.named_modules())
+        for name in targets:
+            if name not in self._originals:
+                self._originals[name] = modules[name].weight.detach().to("cpu", copy=True)
+
+    def _restore(self, targets: list[str]) -> None:
+        if hasattr(self.transformer, "peft_config") or _has_lora_layers(self.transformer):
+            self.transformer.unload_lora()
+        for attr in ("lora_scale", "_safe_fusing"):  # set by fuse_lora; the model had neither before
+            self.transformer.__dict__.pop(attr, None)
+        modules = dict(self.transformer.named_modules())
+        with torch.no_grad():
+            for name in targets:
+                modules[name].weight.copy_(self._originals[name])
+        _synchronize(self.transformer)
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
+    """The transformer's LoRA tensors from a .safetensors file, in diffusers' format, with the alphas or the
+    adapter metadata the file holds. Raises InvalidInputError naming lora_weights for anything else."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    path = Path(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise InvalidInputError(INPUT, f"is not a readable .safetensors file ({type(e).__name__})") from None
+    try:
+        state_dict, alphas, metadata = FluxLoraLoaderMixin.lora_state_dict(
+            str(path.parent),
+            weight_name=path.name,
+            use_safetensors=True,
+            local_files_only=True,
+            return_alphas=True,
+            return_lora_metadata=True,
+        )
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise InvalidInputError(INPUT, f"is not a FLUX LoRA that diffusers can read ({e})") from None
+    if not any(k.startswith((_PREFIX, "text_encoder")) for k in state_dict):
+        # A transformer adapter saved on its own (peft's save_lora_adapter) has no component prefix.
+        state_dict = {_PREFIX + k: v for k, v in state_dict.items()}
+        metadata = {_PREFIX + k: v for k, v in metadata.items()} if metadata else metadata
+    ours = {k: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
+    if not ours:
+        raise InvalidInputError(INPUT, "holds no LoRA layers for the FLUX transformer")
+    ignored = len(state_dict) - len(ours)
+    if ignored:
+        logger.warning("lora_weights: %d tensors for the text encoders are not used", ignored)
+    others = sorted(k for k in ours if not k.endswith(_LORA_TENSORS))
+    if others:
+        raise InvalidInputError(INPUT, f"holds tensors that are not LoRA layers, e.g. {others[0]}")
+    return ours, alphas, metadata
+
+
+def _target_modules(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module) -> list[str]:
+    """The transformer's Linear layers that the LoRA changes, checked against the model's shapes."""
+    modules = dict(transformer.named_modules())
+    targets = sorted({k.removeprefix(_PREFIX).rsplit(".lora_", 1)[0] for k in state_dict})
+    for name in targets:
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear):
+            raise InvalidInputError(INPUT, f"does not fit this model: it has no linear layer {name}")
+        a, b = state_dict[f"{_PREFIX}{name}.lora_A.weight"], state_dict[f"{_PREFIX}{name}.lora_B.weight"]
+        if a.shape[1] != module.in_features or b.shape[0] != module.out_features or a.shape[0] != b.shape[1]:
+            raise InvalidInputError(
+                INPUT,
+                f"does not fit this model: {name} is {module.in_features}→{module.out_features}, "
+                f"the LoRA's is {a.shape[1]}→{b.shape[0]} (rank {a.shape[0]})",
+            )
+    return targets
+
+
+def _linears(transformer: torch.nn.Module) -> Iterator[torch.nn.Linear]:
+    return (m for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _is_plain(weight: torch.Tensor) -> bool:
+    return type(weight.data) is torch.Tensor
+
+
+def _has_lora_layers(transformer: torch.nn.Module) -> bool:
+    return any(hasattr(m, "base_layer") for m in transformer.modules())
+
+
+def _synchronize(transformer: torch.nn.Module) -> None:
+    if transformer.device.type == "cuda":
+        torch.cuda.synchronize(transformer.device)

@@ -1,0 +1,170 @@
+"""What the Cog predictor does with a request, apart from declaring its inputs (predict.py).
+
+Setup: capped, public-only input downloads; the weights (fetched when missing) on a GPU; the safety
+checker; the model with its accelerations. A prediction: the inputs become an EditRequest (files named by
+their input when they cannot be read), the edit runs, the output is checked before anything is written,
+written into a fresh directory, and the prediction's figures are recorded as Cog metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flux import images, optimize, safety, sampling
+from flux.errors import InvalidInputError, UnsafeOutputError
+from flux.hardware import serving_device
+from flux.lora import LoraRequest
+from flux.pipeline import EditRequest, EditResult, KontextEditor
+from flux.taylor_seer_utils import AccelerationLevel
+from flux.weights import resolve_weights_dir
+from serving import downloads, memory
+from serving.lora_files import LoraCache
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+RANDOM_SEED = -1  # as many image APIs have it; blank means random too
+MEGAPIXELS = {"1": 1.0, "0.25": 0.25}  # as Replicate's FLUX models take it: a string choice
+
+RecordMetric = Callable[[str, Any], None]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The inputs predict.py declares, as Cog hands them over."""
+
+    prompt: str
+    input_image: object  # a pathlib.Path for a valid file input (see downloads.file_input)
+    input_images: list | None
+    multi_image_mode: str
+    aspect_ratio: str
+    megapixels: str
+    num_inference_steps: int
+    guidance: float
+    seed: int | None
+    output_format: str
+    output_quality: int
+    disable_safety_checker: bool
+    go_fast: bool
+    acceleration: str
+    lora_weights: str | None
+    lora_strength: float
+
+
+class EditServer:
+    """The model, its safety checker and the LoRA cache, set up once; then one prediction at a time."""
+
+    def __init__(self) -> None:
+        # Input URLs: public hosts only, a total deadline and a size cap; failed fetches leave no file behind.
+        downloads.limit_cog_downloads()
+        # The weights (fetched from $FLUX_WEIGHTS_URL or the hub when missing) and a GPU, unless they are a
+        # test model or FLUX_DEVICE=cpu; each logs what it found and how long it took.
+        weights = resolve_weights_dir()
+        device = serving_device(weights)
+        # Before the model, so that missing checker weights fail setup in seconds, not after loading 34 GB.
+        checker = safety.checker_from_env(weights)
+        # Accelerations from $FLUX_ACCELERATIONS (default: flux.optimize's defaults for the device); with
+        # compile on, this also warms up every served shape and keeps the compiled artifacts with the weights.
+        t0 = time.perf_counter()
+        self.editor = KontextEditor.from_pretrained(
+            weights,
+            device=device,
+            accelerations=optimize.accelerations_from_env(),
+            compile_cache=optimize.compile_cache_from_env(weights),
+        )
+        logger.info("setup: loaded and prepared the model on %s in %.1f s", device, time.perf_counter() - t0)
+        if checker:
+            checker.to(self.editor.components.device).warm_up()
+        self.safety_checker = checker
+        self.lora_cache = LoraCache.from_env()
+        self._last_output_dir: str | None = None
+
+    def request(self, inputs: Inputs) -> EditRequest:
+        """The EditRequest for `inputs`, validated; an input that cannot be used raises InvalidInputError."""
+        if not inputs.disable_safety_checker and self.safety_checker is None:
+            raise InvalidInputError(
+                "disable_safety_checker",
+                f"must be true on this server: it runs without a safety checker ({safety.ENV_SWITCH}=off)",
+            )
+        image = images.load_image(downloads.file_input("input_image", inputs.input_image))
+        extras = tuple(
+            images.load_image(downloads.file_input("input_images", path), "input_images")
+            for path in inputs.input_images or ()
+        )
+        acceleration = inputs.acceleration
+        if acceleration == AUTO:
+            acceleration = AccelerationLevel.GO_REALLY_FAST if inputs.go_fast else AccelerationLevel.NONE
+        lora = None
+        if inputs.lora_weights and inputs.lora_weights.strip():
+            lora = LoraRequest(self.lora_cache.resolve(inputs.lora_weights), inputs.lora_strength)
+        request = EditRequest(
+            prompt=inputs.prompt,
+            image=image,
+            aspect_ratio=inputs.aspect_ratio,
+            num_inference_steps=inputs.num_inference_steps,
+            guidance=inputs.guidance,
+            seed=None if inputs.seed == RANDOM_SEED else inputs.seed,
+            acceleration=acceleration,
+            extra_images=extras,
+            multi_image_mode=inputs.multi_image_mode,
+            megapixels=MEGAPIXELS.get(inputs.megapixels, inputs.megapixels),
+            lora=lora,
+        )
+        request.validate()
+        return request.with_seed()
+
+    def predict(self, inputs: Inputs, record_metric: RecordMetric) -> pathlib.Path:
+        """Run one prediction and return the output file."""
+        request = self.request(inputs)
+        print(f"Using seed: {request.seed}")
+        steps = request.num_inference_steps
+
+        def progress(step: sampling.Step) -> None:
+            print(f"Step {step.index + 1}/{steps}" + ("" if step.computed else " (TaylorSeer)"))
+
+        result = self.editor.edit(request, on_step=progress)
+        print(f"Transformer calls: {result.transformer_calls} of {steps} steps ({request.acceleration})")
+        # Checked before anything is written: an unsafe image never reaches a file.
+        if inputs.disable_safety_checker:
+            print("Safety checker: off for this prediction (disable_safety_checker)")
+        else:
+            t0 = time.perf_counter()
+            verdict = self.safety_checker.check(result.image)
+            result.seconds["safety"] = time.perf_counter() - t0
+            print(f"Safety checker: {verdict}")
+            if verdict.unsafe:
+                raise UnsafeOutputError()
+        record(record_metric, request, result)
+        note = ""
+        if result.random_weights:
+            note = "generated with RANDOM test weights, not a real edit"
+            print(f"Warning: {note}")
+        # Each prediction writes into a fresh directory; the previous one has been read by the server
+        # by the time the next prediction starts (one at a time), so it is removed then.
+        if self._last_output_dir:
+            shutil.rmtree(self._last_output_dir, ignore_errors=True)
+        self._last_output_dir = tempfile.mkdtemp(prefix="flux-kontext-")
+        output = images.save_image(
+            result.image, self._last_output_dir, inputs.output_format, inputs.output_quality, note
+        )
+        # This prediction's tensors are freed by now: hand the memory back, so that resident memory stays flat.
+        memory.release_free_memory()
+        return output
+
+
+def record(record_metric: RecordMetric, request: EditRequest, result: EditResult) -> None:
+    """The prediction's figures, in its `metrics` (Cog's record_metric; nested names with dots)."""
+    record_metric("transformer_calls", result.transformer_calls)
+    record_metric("steps", request.num_inference_steps)
+    record_metric("seed", result.seed)
+    record_metric("acceleration", str(request.acceleration))
+    record_metric("context_tokens", result.context_tokens)
+    for phase, seconds in result.seconds.items():
+        record_metric(f"seconds.{phase}", round(seconds, 4))
