@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import safetensors
 import torch
 
+from flux import clock
 from flux.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ class LoraSlot:
         """Fuse `lora` into the transformer for the body of the `with`; yields seconds per phase."""
         self.check_supported()
         seconds: dict[str, float] = {}
-        t0 = time.perf_counter()
+        device = self.transformer.device
+        t0 = clock.now(device)
         state_dict, alphas, metadata = read_lora(lora.path)
         targets = _target_modules(state_dict, self.transformer)
         self._keep_originals(targets)
@@ -71,13 +72,12 @@ class LoraSlot:
             self.transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=ADAPTER, **kwargs)
             self.transformer.fuse_lora(lora_scale=lora.strength, adapter_names=[ADAPTER])
             self.transformer.unload_lora()
-            _synchronize(self.transformer)
-            seconds["lora_load"] = time.perf_counter() - t0
+            seconds["lora_load"] = clock.now(device) - t0
             yield seconds
         finally:
-            t0 = time.perf_counter()
+            t0 = clock.now(device)
             self._restore(targets)
-            seconds["lora_unload"] = time.perf_counter() - t0
+            seconds["lora_unload"] = clock.now(device) - t0
 
     def _keep_originals(self, targets: list[str]) -> None:
         modules = dict(self.transformer.named_modules())
@@ -94,7 +94,6 @@ class LoraSlot:
         with torch.no_grad():
             for name in targets:
                 modules[name].weight.copy_(self._originals[name])
-        _synchronize(self.transformer)
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
@@ -163,8 +162,3 @@ def _is_plain(weight: torch.Tensor) -> bool:
 
 def _has_lora_layers(transformer: torch.nn.Module) -> bool:
     return any(hasattr(m, "base_layer") for m in transformer.modules())
-
-
-def _synchronize(transformer: torch.nn.Module) -> None:
-    if transformer.device.type == "cuda":
-        torch.cuda.synchronize(transformer.device)

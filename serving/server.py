@@ -135,9 +135,8 @@ class EditServer:
         if inputs.disable_safety_checker:
             print("Safety checker: off for this prediction (disable_safety_checker)")
         else:
-            t0 = time.perf_counter()
             verdict = self.safety_checker.check(result.image)
-            result.seconds["safety"] = time.perf_counter() - t0
+            result.seconds["safety"] = verdict.seconds
             print(f"Safety checker: {verdict}")
             if verdict.unsafe:
                 raise UnsafeOutputError()
