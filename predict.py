@@ -1,13 +1,15 @@
-"""Cog adapter for FLUX.1 Kontext [dev] editing: declares the inputs, calls flux, returns a file."""
+"""Cog adapter for FLUX.1 Kontext [dev] editing: declares the inputs, calls the server, returns a file.
+
+`cog build` reads this file without running it (a static parse: script/openapi_schema.py says which forms it
+reads), so every Input() keyword is a literal written here. tests/test_schema.py holds each literal against the
+constant the library validates with, so the two cannot drift.
+"""
 
 import logging
 
 from cog import BaseRunner, Input, Path
 
-from flux import images, sampling
-from flux.pipeline import MAX_EXTRA_IMAGES, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, MultiImageMode
-from flux.taylor_seer_utils import SCHEDULE_NAMES
-from serving.server import AUTO, MEGAPIXELS, RANDOM_SEED, EditServer, Inputs
+from serving.server import EditServer, Inputs
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -21,41 +23,47 @@ class Predictor(BaseRunner):
         prompt: str = Input(description="Text instruction describing the edit, e.g. 'make the car red'."),
         input_image: Path = Input(description="Image to edit: jpeg, png, gif or webp."),
         input_images: list[Path] | None = Input(
-            description=f"Up to {MAX_EXTRA_IMAGES} more reference images, e.g. a person and a place to put them in.",
+            description="Up to 4 more reference images, e.g. a person and a place to put them in.",
             default=None,
         ),
         multi_image_mode: str = Input(
-            description="With input_images: stitch puts all images side by side in one context image (what the "
-            "model was trained on); separate gives each image its own context tokens (experimental).",
-            choices=[mode.value for mode in MultiImageMode],
-            default=MultiImageMode.STITCH.value,
+            description="With input_images: stitch puts all images side by side in one context image (what the model was trained on); separate gives each image its own context tokens (experimental).",
+            choices=["stitch", "separate"],
+            default="stitch",
         ),
         aspect_ratio: str = Input(
-            description="Aspect ratio of the output. match_input_image keeps the input's (snapped to the "
-            "nearest resolution Kontext was trained on).",
-            choices=images.ASPECT_RATIOS,
-            default=images.MATCH_INPUT_IMAGE,
+            description="Aspect ratio of the output. match_input_image keeps the input's (snapped to the nearest resolution Kontext was trained on).",
+            choices=[
+                "match_input_image",
+                "1:1",
+                "16:9",
+                "21:9",
+                "3:2",
+                "2:3",
+                "4:5",
+                "5:4",
+                "3:4",
+                "4:3",
+                "9:16",
+                "9:21",
+            ],
+            default="match_input_image",
         ),
         megapixels: str = Input(
-            description="Output size: 1 (about one megapixel), or 0.25 for a draft (every side halved, about 4x "
-            "less work).",
-            choices=list(MEGAPIXELS),
+            description="Output size: 1 (about one megapixel), or 0.25 for a draft (every side halved, about 4x less work).",
+            choices=["1", "0.25"],
             default="1",
         ),
-        num_inference_steps: int = Input(
-            description="Denoising steps.", ge=MIN_STEPS, le=MAX_STEPS, default=sampling.DEFAULT_STEPS
-        ),
-        guidance: float = Input(
-            description="How strongly to follow the prompt.",
-            ge=MIN_GUIDANCE,
-            le=MAX_GUIDANCE,
-            default=sampling.DEFAULT_GUIDANCE,
-        ),
+        num_inference_steps: int = Input(description="Denoising steps.", ge=4, le=50, default=28),
+        guidance: float = Input(description="How strongly to follow the prompt.", ge=0, le=10, default=2.5),
         seed: int | None = Input(
-            description="Random seed; -1 or blank for a random one.", ge=RANDOM_SEED, le=MAX_SEED, default=None
+            description="Random seed; -1 or blank for a random one. At most 9007199254740991 (2^53 - 1).",
+            ge=-1,
+            le=9007199254740991,
+            default=None,
         ),
         output_format: str = Input(
-            description="Format of the output image.", choices=[f.value for f in images.OutputFormat], default="webp"
+            description="Format of the output image.", choices=["webp", "jpg", "png"], default="webp"
         ),
         output_quality: int = Input(
             description="Quality for webp and jpg, 0-100. Ignored for png.", ge=0, le=100, default=80
@@ -64,23 +72,26 @@ class Predictor(BaseRunner):
             description="Return the image without checking it for NSFW content.", default=False
         ),
         go_fast: bool = Input(
-            description="Skip transformer calls on some steps with TaylorSeer (13 of 28 steps computed). "
-            "Faster; may lose quality on complex edits.",
+            description="Skip transformer calls on some steps with TaylorSeer (13 of 28 steps computed). Faster; may lose quality on complex edits.",
             default=True,
         ),
         acceleration: str = Input(
-            description="TaylorSeer level. auto follows go_fast (true: go really fast, false: none); the others "
-            "override it: none computes every step, go fast 18 of 28, go really fast 13 of 28; the front-loaded "
-            "schedules make as many calls, more of them early (experimental).",
-            choices=[AUTO, *SCHEDULE_NAMES],
-            default=AUTO,
+            description="TaylorSeer level. auto follows go_fast (true: go really fast, false: none); the others override it: none computes every step, go fast 18 of 28, go really fast 13 of 28; the front-loaded schedules make as many calls, more of them early (experimental).",
+            choices=[
+                "auto",
+                "none",
+                "go fast",
+                "go really fast",
+                "go fast, front-loaded",
+                "go really fast, front-loaded",
+            ],
+            default="auto",
         ),
         lora_weights: str | None = Input(
-            description="A LoRA for this edit: an http(s) URL or data URI of a .safetensors file, or a hub id "
-            "owner/name.",
+            description="A LoRA for this edit: an http(s) URL or data URI of a .safetensors file, or a hub id owner/name.",
             default=None,
         ),
-        lora_strength: float = Input(description="How strongly the LoRA applies.", ge=-1.0, le=3.0, default=1.0),
+        lora_strength: float = Input(description="How strongly the LoRA applies.", ge=-1, le=3, default=1.0),
     ) -> Path:
         inputs = Inputs(
             prompt=prompt,

@@ -55,6 +55,18 @@ class OutputFormat(enum.StrEnum):
 
 
 _PIL_FORMAT = {OutputFormat.WEBP: "WEBP", OutputFormat.JPG: "JPEG", OutputFormat.PNG: "PNG"}
+MIN_QUALITY, MAX_QUALITY = 0, 100
+DEFAULT_FORMAT, DEFAULT_QUALITY = OutputFormat.WEBP, 80  # as Replicate's flux-kontext-dev
+
+
+def check_output_options(fmt: object, quality: object) -> None:
+    """Raise InvalidInputError naming output_format or output_quality unless both can be used."""
+    if fmt not in list(OutputFormat):
+        raise InvalidInputError("output_format", f"must be one of {[f.value for f in OutputFormat]}, got {fmt!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not MIN_QUALITY <= quality <= MAX_QUALITY:
+        raise InvalidInputError(
+            "output_quality", f"must be an integer from {MIN_QUALITY} to {MAX_QUALITY}, got {quality!r}"
+        )
 
 
 def load_image(path: str | os.PathLike, name: str = "input_image") -> PIL.Image.Image:

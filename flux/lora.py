@@ -32,6 +32,9 @@ INPUT = "lora_weights"
 ADAPTER = "request"
 _PREFIX = "transformer."
 _LORA_TENSORS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
+MIN_LORA_STRENGTH, MAX_LORA_STRENGTH = -1.0, 3.0
+"""lora_strength's range: 0 leaves the model as it is, 1 is the LoRA as trained, negative values push away
+from it; beyond 3 a LoRA mostly destroys the image."""
 
 
 @dataclass(frozen=True)

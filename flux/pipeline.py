@@ -16,7 +16,7 @@ import torch
 
 from flux import clock, images, sampling
 from flux.errors import InvalidInputError
-from flux.lora import LoraRequest, LoraSlot
+from flux.lora import MAX_LORA_STRENGTH, MIN_LORA_STRENGTH, LoraRequest, LoraSlot
 from flux.model import FluxComponents, load_components
 from flux.optimize import Accelerations, optimize
 from flux.taylor_seer_utils import (
@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 
 MIN_STEPS, MAX_STEPS = 4, 50
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 10.0
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1
+"""The largest seed: the largest integer every JSON client reads exactly (JavaScript's Number.MAX_SAFE_INTEGER),
+and a float64 exactly, which is how Cog's schema writes bounds (so the schema's maximum is this number)."""
 MAX_EXTRA_IMAGES = 4
 SEPARATE_CONTEXT_AREA = 2.0
 """In `separate` mode the reference images are scaled down together to about this many times one served
@@ -95,10 +97,14 @@ class EditRequest:
             raise InvalidInputError("multi_image_mode", f"must be one of {modes}, got {self.multi_image_mode!r}")
         if self.megapixels not in images.MEGAPIXELS:
             raise InvalidInputError("megapixels", f"must be one of {list(images.MEGAPIXELS)}, got {self.megapixels!r}")
-        if self.lora is not None and not (
-            isinstance(self.lora.strength, (int, float)) and math.isfinite(self.lora.strength)
-        ):
-            raise InvalidInputError("lora_strength", f"must be a number, got {self.lora.strength!r}")
+        if self.lora is not None:
+            strength = self.lora.strength
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+                raise InvalidInputError("lora_strength", f"must be a number, got {strength!r}")
+            if not MIN_LORA_STRENGTH <= strength <= MAX_LORA_STRENGTH:
+                raise InvalidInputError(
+                    "lora_strength", f"must be between {MIN_LORA_STRENGTH} and {MAX_LORA_STRENGTH}, got {strength}"
+                )
 
     def context_images(self) -> list[tuple[PIL.Image.Image, tuple[int, int]]]:
         """The context image(s) and the size (width, height) each is encoded at."""
