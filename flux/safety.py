@@ -102,13 +102,13 @@ Downloader = Callable[[str, str, Path], object]
 """(repository, file, folder): put the hub file into the folder."""
 
 
-def _hub_download(repo: str, filename: str, folder: Path) -> None:
+def hub_download(repo: str, filename: str, folder: Path) -> None:
     from huggingface_hub import hf_hub_download
 
     hf_hub_download(repo, filename, local_dir=folder, token=hub_token())
 
 
-def ensure_weights(weights_dir: str | Path, download: Downloader = _hub_download) -> None:
+def ensure_weights(weights_dir: str | Path, download: Downloader = hub_download) -> None:
     """Download the checker folders that `weights_dir` lacks from the hub.
 
     Each repository's files are downloaded beside the folders and renamed into place once complete,

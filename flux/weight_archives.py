@@ -1,12 +1,13 @@
 """Weight archives: plain .tar files whose root holds a diffusers-layout model (model_index.json and the
-component folders), packed by `script/pack-weights` and fetched at setup from $FLUX_WEIGHTS_URL.
+component folders), packed by `script/pack-weights` (script/pack_weights.py, which writes the format this
+module reads) and fetched at setup from $FLUX_WEIGHTS_URL.
 
 Why tarballs: Replicate gives a model no hub token, and its own FLUX models fetch tarballs at setup with
 `pget -x URL DEST` (parallel ranged download, extracted while it arrives). Plain tar, not gzip: safetensors
 do not compress, and decompression would be the bottleneck.
 
 What makes a fetch trustworthy:
-- Every archive packed here ends with a manifest, `.flux-archive/part-NNN.json`, listing its files and
+- Every archive script/pack-weights packs ends with a manifest, `.flux-archive/part-NNN.json`, listing its files and
   their sizes and how many parts the pack has. It is the last member, so an archive cut short anywhere lacks
   it; after extraction every part must be present and every listed file whole.
 - The Python extractor writes only regular files and folders inside the destination: absolute names, `..`,
@@ -21,7 +22,6 @@ Errors name the URL without its query string or credentials (signed URLs carry s
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +30,6 @@ import subprocess
 import tarfile
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -121,130 +120,6 @@ def _check_manifests(directory: Path, manifests: list[dict], verify_cache: bool)
             if actual != size:
                 problems.append(f"{name} ({actual} of {size} bytes)")
     return problems
-
-
-# ---- packing --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PackedArchive:
-    path: Path
-    files: int
-    bytes: int  # the archive's size
-
-
-def _pack_listing(source: Path, compile_cache: Path | None) -> list[tuple[str, Path]]:
-    """(name in the archive, file on disk): every file under `source` except hidden ones (the hub client's
-    .cache/, .gitattributes), plus `compile_cache`'s files under compile-cache/."""
-    entries: dict[str, Path] = {}
-    roots = [(source, PurePosixPath())]
-    if compile_cache is not None:
-        roots.append((compile_cache, PurePosixPath(COMPILE_CACHE)))
-    for root, prefix in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                if filename.startswith("."):
-                    continue
-                path = Path(dirpath) / filename
-                if path.is_symlink() and not path.resolve().is_file():
-                    raise WeightsError(f"{path} is a dangling link")
-                name = str(prefix / PurePosixPath(Path(dirpath).relative_to(root).as_posix()) / filename)
-                if name in entries:
-                    raise WeightsError(f"{name} is both in {source} and in {compile_cache}")
-                entries[name] = path
-    # model_index.json first, so that a listing of the first part shows what the pack is.
-    return sorted(entries.items(), key=lambda kv: (kv[0] != MODEL_INDEX, kv[0]))
-
-
-def plan_parts(sizes: list[tuple[str, int]], max_part_bytes: int | None) -> list[list[tuple[str, int]]]:
-    """Split (name, size) into parts of at most `max_part_bytes` of file data, in order; a file larger than
-    the limit gets a part of its own. None: one part."""
-    if max_part_bytes is None:
-        return [list(sizes)]
-    parts: list[list[tuple[str, int]]] = [[]]
-    total = 0
-    for name, size in sizes:
-        if parts[-1] and total + size > max_part_bytes:
-            parts.append([])
-            total = 0
-        parts[-1].append((name, size))
-        total += size
-    return parts
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    # Normalised metadata: the same files give the same archive bytes, and nothing about the packing
-    # machine (owner, times) ships.
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def pack(
-    source: Path,
-    out_dir: Path,
-    name: str = "flux-kontext-dev",
-    max_part_bytes: int | None = None,
-    compile_cache: Path | None = None,
-) -> list[PackedArchive]:
-    """Pack the diffusers-layout directory `source` into `out_dir/NAME.tar`, or NAME-I-of-N.tar when split.
-
-    `source`'s own compile-cache/ folder goes in like any other; `compile_cache` adds artifacts kept
-    elsewhere under compile-cache/. Each archive is written to a .partial file and renamed when whole.
-    """
-    source, out_dir = Path(source), Path(out_dir)
-    missing = missing_entries(source)
-    if missing:
-        raise WeightsError(f"{source} is not a complete model directory: missing {', '.join(missing)}")
-    if compile_cache is not None and not Path(compile_cache).is_dir():
-        raise WeightsError(f"compile cache {compile_cache} is not a directory")
-    listing = _pack_listing(source, Path(compile_cache) if compile_cache is not None else None)
-    sizes = [(arcname, path.stat().st_size) for arcname, path in listing]
-    paths = dict(listing)
-    parts = plan_parts(sizes, max_part_bytes)
-    # The pack's identity: its files, their sizes and how they are split. Two packs of the same files agree.
-    pack_id = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    archives = []
-    for number, part in enumerate(parts, 1):
-        filename = f"{name}.tar" if len(parts) == 1 else f"{name}-{number}-of-{len(parts)}.tar"
-        target = out_dir / filename
-        partial = target.with_name(target.name + ".partial")
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "pack": pack_id,
-            "part": number,
-            "parts": len(parts),
-            "files": dict(part),
-        }
-        manifest_bytes = (json.dumps(manifest, indent=1) + "\n").encode()
-        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-            for arcname, size in part:
-                with open(paths[arcname], "rb") as f:
-                    tar.addfile(_tarinfo(arcname, size), f)
-            # Last member: present only if everything before it arrived.
-            manifest_name = f"{MANIFEST_DIR}/part-{number:03d}.json"
-            tar.addfile(_tarinfo(manifest_name, len(manifest_bytes)), _BytesReader(manifest_bytes))
-        os.replace(partial, target)
-        archives.append(PackedArchive(target, len(part), target.stat().st_size))
-        logger.info("packed %s: %d files, %.2f GB", target, len(part), target.stat().st_size / 1e9)
-    return archives
-
-
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self._data, self._pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        chunk = self._data[self._pos : end]
-        self._pos += len(chunk)
-        return chunk
 
 
 # ---- fetching -------------------------------------------------------------------------------------------

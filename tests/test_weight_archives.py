@@ -22,6 +22,7 @@ from flux import safety
 from flux import weight_archives as wa
 from flux.errors import WeightsError
 from flux.weights import resolve_weights_dir
+from script.pack_weights import pack
 from tests.archive_server import ArchiveServer, Body
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,14 +53,14 @@ def source(tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def archive(source, tmp_path_factory) -> bytes:
-    (packed,) = wa.pack(source, tmp_path_factory.mktemp("packed"))
+    (packed,) = pack(source, tmp_path_factory.mktemp("packed"), safety_checker=False)
     assert packed.path.name == "flux-kontext-dev.tar"
     return packed.path.read_bytes()
 
 
 @pytest.fixture(scope="module")
 def parts(source, tmp_path_factory) -> list[bytes]:
-    packed = wa.pack(source, tmp_path_factory.mktemp("parts"), max_part_bytes=200_000)
+    packed = pack(source, tmp_path_factory.mktemp("parts"), max_part_bytes=200_000, safety_checker=False)
     assert [p.path.name for p in packed] == [f"flux-kontext-dev-{i}-of-{len(packed)}.tar" for i in (1, 2, 3)]
     return [p.path.read_bytes() for p in packed]
 
@@ -104,7 +105,7 @@ def test_an_archive_round_trips_the_model(source, archive, server, tmp_path):
 
 
 def test_packing_is_deterministic(source, archive, tmp_path):
-    (again,) = wa.pack(source, tmp_path)
+    (again,) = pack(source, tmp_path, safety_checker=False)
     assert again.path.read_bytes() == archive
 
 
@@ -137,7 +138,7 @@ def test_compile_artifacts_ship_in_the_archive(source, tmp_path, server):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "transformer-def.bin").write_bytes(b"another")
-    (packed,) = wa.pack(with_cache, tmp_path / "out", compile_cache=elsewhere)
+    (packed,) = pack(with_cache, tmp_path / "out", compile_cache=elsewhere, safety_checker=False)
     model = wa.fetch_archives([server.put("/c.tar", packed.path.read_bytes())], tmp_path / "staging")
     assert (model / "compile-cache" / "transformer-abc.bin").read_bytes() == b"artifact"
     assert (model / "compile-cache" / "transformer-def.bin").read_bytes() == b"another"
@@ -148,7 +149,7 @@ def test_compile_artifacts_ship_in_the_archive(source, tmp_path, server):
     assert len(wa.missing_entries(model, verify_cache=True)) == 2
     (elsewhere / "transformer-abc.bin").write_bytes(b"clash")
     with pytest.raises(WeightsError, match="compile-cache/transformer-abc.bin"):
-        wa.pack(with_cache, tmp_path / "out2", compile_cache=elsewhere)
+        pack(with_cache, tmp_path / "out2", compile_cache=elsewhere, safety_checker=False)
 
 
 def test_an_incomplete_directory_is_not_packed(source, tmp_path):
@@ -156,13 +157,13 @@ def test_an_incomplete_directory_is_not_packed(source, tmp_path):
     shutil.copytree(source, broken)
     shutil.rmtree(broken / "vae")
     with pytest.raises(WeightsError, match="vae/"):
-        wa.pack(broken, tmp_path / "out")
+        pack(broken, tmp_path / "out", safety_checker=False)
 
 
 def test_the_pack_script(source, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        ["script/pack-weights", str(source), str(out), "--max-part-size", "200KB"],
+        ["script/pack-weights", str(source), str(out), "--max-part-size", "200KB", "--no-safety-checker"],
         cwd=ROOT,
         env={**os.environ, "PYTHON": sys.executable},
         capture_output=True,
@@ -170,7 +171,46 @@ def test_the_pack_script(source, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [f"flux-kontext-dev-{i}-of-3.tar" for i in (1, 2, 3)]
-    assert "FLUX_WEIGHTS_URL" in result.stdout
+    urls = ",".join(f"https://HOST/PATH/flux-kontext-dev-{i}-of-3.tar" for i in (1, 2, 3))
+    assert f"FLUX_WEIGHTS_URL={urls}" in result.stdout  # commas: what fits in cog.yaml's environment
+
+
+def test_the_pack_script_needs_the_safety_checker_or_says_how_to_leave_it_out(source, tmp_path):
+    """Without the checker's folders and without the hub (the tests are offline), packing fails naming
+    them, instead of making archives whose setup would go to the hub at every cold boot."""
+    bare = tmp_path / "model"
+    shutil.copytree(source, bare)
+    result = subprocess.run(
+        ["script/pack-weights", str(bare), str(tmp_path / "out")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "safety_checker/, feature_extractor/ are not in" in result.stderr and "--no-safety-checker" in result.stderr
+
+
+def test_the_safety_checker_is_fetched_into_the_model_and_packed(tiny_dir, source, tmp_path):
+    """Missing checker folders are fetched into the model directory (here from a stand-in hub that copies the
+    tiny checkers: the tests are offline), then packed with it."""
+    bare = tmp_path / "model"
+    shutil.copytree(source, bare)
+
+    def stand_in_hub(repo: str, filename: str, folder: Path) -> None:
+        name = next(f for f in safety.CHECKER_FOLDERS if folder.name == f)
+        folder.mkdir(parents=True, exist_ok=True)
+        if (tiny_dir / name / filename).exists():
+            shutil.copy(tiny_dir / name / filename, folder / filename)
+
+    (packed,) = pack(bare, tmp_path / "out", download=stand_in_hub)
+    with tarfile.open(packed.path) as tar:
+        folders = {name.split("/")[0] for name in tar.getnames()}
+    assert set(safety.CHECKER_FOLDERS) <= folders
+    assert all((bare / f).is_dir() for f in safety.CHECKER_FOLDERS)
+    (again,) = pack(tiny_dir, tmp_path / "out2", safety_checker=False)
+    with tarfile.open(again.path) as tar:
+        assert not {name.split("/")[0] for name in tar.getnames()} & set(safety.CHECKER_FOLDERS)
 
 
 # ---- damaged, missing and unsafe archives ----------------------------------------------------------------
