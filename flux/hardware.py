@@ -74,8 +74,9 @@ def describe_runtime(cuda_available: bool) -> str:
 
 def serving_device(weights_dir: str | Path) -> str:
     """The device to serve on: "cuda" when torch sees a GPU; "cpu" when FLUX_DEVICE=cpu, or when there is
-    no GPU and the weights are a test model. Otherwise raises DeviceError saying what torch saw. Logs the
-    runtime (torch, CUDA, driver, GPU) either way."""
+    no GPU and the weights already in `weights_dir` are a test model (setup asks before fetching anything, so
+    weights still to be fetched count as real ones). Otherwise raises DeviceError saying what torch saw. Logs
+    the runtime (torch, CUDA, driver, GPU) either way."""
     requested = os.environ.get(ENV_DEVICE, "").strip().lower() or None
     if requested is not None and requested not in DEVICES:
         raise DeviceError(f"FLUX_DEVICE must be one of {', '.join(DEVICES)} (or unset), not {requested!r}")

@@ -1,8 +1,9 @@
 """Where the weights come from, in this order:
 
 1. $FLUX_WEIGHTS (default weights/FLUX.1-Kontext-dev), when it already holds a complete model;
-2. else $FLUX_WEIGHTS_URL: one or more URLs (separated by spaces) of plain .tar archives packed by
-   script/pack-weights, fetched with `pget -x` when pget is on PATH (as in the container), else in Python;
+2. else $FLUX_WEIGHTS_URL: one or more URLs of plain .tar archives packed by script/pack-weights, separated
+   by commas (what fits in cog.yaml's `environment`, which becomes an unquoted Dockerfile ENV line) or
+   whitespace, fetched with `pget -x` when pget is on PATH (as in the container), else in Python;
 3. else $HF_TOKEN: the diffusers folders of the gated hub repository (for people running their own GPU).
 
 Replicate gives a model no hub token, so a deployment fetches archives (2). A fetch lands in a staging
@@ -17,6 +18,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -50,20 +52,27 @@ def hub_token() -> str | None:
 
 
 def weights_urls() -> list[str]:
-    """The archive URLs in $FLUX_WEIGHTS_URL (separated by whitespace), checked to be http(s)."""
-    urls = os.environ.get(ENV_WEIGHTS_URL, "").split()
+    """The archive URLs in $FLUX_WEIGHTS_URL (separated by commas or whitespace), checked to be http(s). A URL
+    with a comma of its own must write it as %2C."""
+    urls = [url for url in re.split(r"[,\s]+", os.environ.get(ENV_WEIGHTS_URL, "")) if url]
     for url in urls:
         weight_archives.check_url(url)
     return urls
 
 
-def resolve_weights_dir() -> Path:
-    """The weights directory, fetched first if it is missing or incomplete (see the module docstring).
+def weights_directory() -> Path:
+    """Where the weights are, or will be fetched to: $FLUX_WEIGHTS, else weights/FLUX.1-Kontext-dev."""
+    return Path(os.environ.get(ENV_WEIGHTS) or DEFAULT_DIR)
+
+
+def resolve_weights_dir(directory: Path | None = None) -> Path:
+    """The weights directory (default: weights_directory()), fetched first if it is missing or incomplete (see
+    the module docstring).
 
     With nothing to fetch from, an incomplete directory is returned as it is, for the strict loader to name
     what is wrong; a missing one is an error that says what to set.
     """
-    directory = Path(os.environ.get(ENV_WEIGHTS) or DEFAULT_DIR)
+    directory = Path(directory) if directory is not None else weights_directory()
     missing = weight_archives.missing_entries(directory)
     if not missing:
         logger.info("weights: %s (already present)", directory)

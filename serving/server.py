@@ -8,6 +8,7 @@ written into a fresh directory, and the prediction's figures are recorded as Cog
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import pathlib
 import shutil
@@ -23,12 +24,13 @@ from flux.hardware import serving_device
 from flux.lora import LoraRequest
 from flux.pipeline import EditRequest, EditResult, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
-from flux.weights import resolve_weights_dir
-from serving import downloads, memory
+from flux.weights import resolve_weights_dir, weights_directory
+from serving import downloads, memory, openapi
 from serving.lora_files import LoraCache
 
 logger = logging.getLogger(__name__)
 
+TESTED_COGLET = "0.23.1"  # the coglet release the tests run (requirements-dev.txt); script/cog pins the image to it
 AUTO = "auto"
 RANDOM_SEED = -1  # as many image APIs have it; blank means random too
 MEGAPIXELS = {"1": 1.0, "0.25": 0.25}  # as Replicate's FLUX models take it: a string choice
@@ -62,12 +64,16 @@ class EditServer:
     """The model, its safety checker and the LoRA cache, set up once; then one prediction at a time."""
 
     def __init__(self) -> None:
+        _log_server_versions()
+        # The schema coglet validates with, read when setup ends: `null` accepted where it says nullable.
+        openapi.accept_null_in_schema_file()
         # Input URLs: public hosts only, a total deadline and a size cap; failed fetches leave no file behind.
         downloads.limit_cog_downloads()
-        # The weights (fetched from $FLUX_WEIGHTS_URL or the hub when missing) and a GPU, unless they are a
-        # test model or FLUX_DEVICE=cpu; each logs what it found and how long it took.
+        # A GPU, unless the weights already here are a test model or FLUX_DEVICE=cpu: checked before any fetch,
+        # so that a container without its GPU fails in seconds instead of after downloading 34 GB.
+        device = serving_device(weights_directory())
+        # The weights, fetched from $FLUX_WEIGHTS_URL or the hub when missing; logs where they came from.
         weights = resolve_weights_dir()
-        device = serving_device(weights)
         # Before the model, so that missing checker weights fail setup in seconds, not after loading 34 GB.
         checker = safety.checker_from_env(weights)
         # Accelerations from $FLUX_ACCELERATIONS (default: flux.optimize's defaults for the device); with
@@ -93,6 +99,7 @@ class EditServer:
                 "disable_safety_checker",
                 f"must be true on this server: it runs without a safety checker ({safety.ENV_SWITCH}=off)",
             )
+        images.check_output_options(inputs.output_format, inputs.output_quality)
         image = images.load_image(downloads.file_input("input_image", inputs.input_image))
         extras = tuple(
             images.load_image(downloads.file_input("input_images", path), "input_images")
@@ -156,6 +163,24 @@ class EditServer:
         # This prediction's tensors are freed by now: hand the memory back, so that resident memory stays flat.
         memory.release_free_memory()
         return output
+
+
+def _log_server_versions() -> None:
+    """Log the Cog SDK and coglet releases serving this process; warn when coglet is not the tested one
+    (serving/downloads.py relies on cog internals of that release)."""
+    found = {}
+    for package in ("cog", "coglet"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    logger.info("server: cog %s, coglet %s", found["cog"], found["coglet"])
+    if found["coglet"] != TESTED_COGLET:
+        logger.warning(
+            "coglet %s is not %s, the release this model is tested with: build with script/cog (COGLET_WHEEL)",
+            found["coglet"],
+            TESTED_COGLET,
+        )
 
 
 def record(record_metric: RecordMetric, request: EditRequest, result: EditResult) -> None:

@@ -1,6 +1,7 @@
 """The container's setup through the real Cog server (script/serve, as the container runs it), over
-loopback: weights fetched from FLUX_WEIGHTS_URL into an empty place (after a fetch killed midway), a
-truncated archive, the refusal to run real weights without a GPU, and the OpenAPI schema it serves."""
+loopback: weights fetched from FLUX_WEIGHTS_URL (a comma-separated list, as cog.yaml's `environment` can hold it)
+into an empty place after a fetch killed midway, a truncated archive, the refusal to run real weights without a
+GPU (before fetching anything), and the OpenAPI schema it serves and validates with, `null` included."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import requests
 from flux import weight_archives as wa
 from flux.model import RANDOM_WEIGHTS_MARKER
 from script.openapi_schema import build_schema
+from script.pack_weights import pack
+from serving.openapi import accept_null
 from tests.archive_server import ArchiveServer, Body
 from tests.cog_server import ROOT, data_uri, decode_output, free_port, running_server
 from tests.conftest import make_image
@@ -30,7 +33,7 @@ EDIT = {"prompt": "make the car red", "input_image": IMAGE, "num_inference_steps
 @pytest.fixture(scope="module")
 def archives(tiny_dir, tmp_path_factory):
     """The tiny model packed in three parts, served over loopback."""
-    packed = wa.pack(tiny_dir, tmp_path_factory.mktemp("archives"), max_part_bytes=200_000)
+    packed = pack(tiny_dir, tmp_path_factory.mktemp("archives"), max_part_bytes=200_000)
     with ArchiveServer() as server:
         server.archives = [p.path.read_bytes() for p in packed]
         yield server
@@ -39,6 +42,7 @@ def archives(tiny_dir, tmp_path_factory):
 def _kill_setup_midway(weights: Path, workdir: Path, url: str) -> None:
     """Start the server fetching `url` into `weights`, and SIGKILL it once the fetch has begun."""
     env = {**os.environ, "PORT": str(free_port()), "FLUX_WEIGHTS": str(weights), "FLUX_WEIGHTS_URL": url}
+    env["FLUX_DEVICE"] = "cpu"  # the fetched model is a test model, but setup checks the device before fetching
     env["PYTHON"] = sys.executable
     with open(workdir / "killed.log", "w") as log:
         proc = subprocess.Popen(
@@ -68,7 +72,8 @@ def fetched_server(archives, tmp_path_factory):
     slow = archives.put("/slow.tar", Body(archives.archives[largest], chunk=8 << 10, delay_per_chunk=0.5))
     _kill_setup_midway(weights, workdir, " ".join(slow if i == largest else url for i, url in enumerate(urls)))
     assert not weights.exists() and wa.missing_entries(weights)
-    with running_server(weights, workdir, env={"FLUX_WEIGHTS_URL": " ".join(urls)}) as server:
+    env = {"FLUX_WEIGHTS_URL": ",".join(urls), "FLUX_DEVICE": "cpu"}
+    with running_server(weights, workdir, env=env) as server:
         server.weights = weights
         server.urls = urls
         yield server
@@ -94,10 +99,41 @@ def test_setup_logs_where_the_weights_came_from_and_the_runtime(fetched_server):
     assert "loaded and prepared the model on cpu in" in logs
 
 
-def test_the_server_serves_the_complete_schema(fetched_server):
+def test_the_server_serves_the_schema_cog_builds_with_null_accepted_where_it_is_nullable(fetched_server):
     served = requests.get(f"{fetched_server.url}/openapi.json", timeout=10).json()
-    assert served == build_schema()
+    assert served == accept_null(build_schema())
     assert "/predictions" in served["paths"] and "PredictionResponse" in served["components"]["schemas"]
+
+
+def _post(server, inputs: dict) -> requests.Response:
+    for _ in range(40):
+        r = requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=300)
+        if r.status_code != 409:
+            return r
+        time.sleep(0.25)
+    return r
+
+
+def test_every_optional_input_absent_or_null_is_what_the_schema_says(fetched_server):
+    """Absent: the default. null: accepted where Cog's schema says nullable (it means "not given"), else a 422
+    naming the input."""
+    schema = build_schema()["components"]["schemas"]["Input"]
+    optional = [name for name in schema["properties"] if name not in schema["required"]]
+    assert len(optional) == 14
+    minimal = {"prompt": "make the car red", "input_image": IMAGE}
+    body = _post(fetched_server, minimal).json()
+    assert body["status"] == "succeeded", body
+    assert body["metrics"]["steps"] == 28 and body["metrics"]["transformer_calls"] == 13  # the defaults
+    cheap = {**minimal, "num_inference_steps": 4, "megapixels": "0.25"}
+    for name in optional:
+        r = _post(fetched_server, {**cheap, name: None})
+        if schema["properties"][name].get("nullable"):
+            assert r.status_code == 200 and r.json()["status"] == "succeeded", (name, r.text)
+        else:
+            assert r.status_code == 422, (name, r.text)
+            assert {tuple(d["loc"]) for d in r.json()["detail"]} == {("body", "input", name)}, r.text
+    nullable = [name for name in optional if schema["properties"][name].get("nullable")]
+    assert nullable == ["input_images", "seed", "lora_weights"]
 
 
 @pytest.mark.parametrize(
@@ -125,7 +161,7 @@ def test_a_truncated_archive_fails_setup_naming_the_url(archives, tmp_path):
     data = archives.archives[1]
     url = archives.put("/truncated.tar", data[: len(data) // 2])
     weights = tmp_path / "weights" / "FLUX.1-Kontext-dev"
-    env = {"FLUX_WEIGHTS_URL": f"{archives.url}/part-1.tar {url}?X-Signature=s3cr3t"}
+    env = {"FLUX_WEIGHTS_URL": f"{archives.url}/part-1.tar {url}?X-Signature=s3cr3t", "FLUX_DEVICE": "cpu"}
     archives.put("/part-1.tar", archives.archives[0])
     with running_server(weights, tmp_path, env=env, wait_for=("SETUP_FAILED",)) as server:
         logs = server.health()["setup"]["logs"]
@@ -134,6 +170,17 @@ def test_a_truncated_archive_fails_setup_naming_the_url(archives, tmp_path):
         assert requests.post(f"{server.url}/predictions", json={"input": EDIT}, timeout=30).status_code >= 400
     assert not weights.exists()
     assert [p.name for p in weights.parent.iterdir()] == [".FLUX.1-Kontext-dev.lock"]
+
+
+def test_without_a_gpu_setup_fails_before_fetching_anything(archives, tmp_path):
+    """Weights still to be fetched count as real ones: no GPU fails setup at once, and no archive is read."""
+    url = archives.put("/never.tar", archives.archives[0])
+    weights = tmp_path / "weights" / "FLUX.1-Kontext-dev"
+    env = {"FLUX_WEIGHTS_URL": url, "FLUX_DEVICE": ""}
+    with running_server(weights, tmp_path, env=env, wait_for=("SETUP_FAILED",)) as server:
+        logs = server.health()["setup"]["logs"]
+        assert "DeviceError" in logs and "no CUDA GPU is visible to torch" in logs
+    assert archives.requests["/never.tar"] == 0 and not weights.exists()
 
 
 def test_real_weights_without_a_gpu_fail_setup(tiny_dir, tmp_path):
