@@ -244,14 +244,23 @@ def quantize_fp8(
 
     torchao would also set process-wide inductor options it recommends (coordinate-descent tuning among
     them, which makes every later compile slower); set_inductor_config=False leaves them as they are.
+
+    The matmuls are torch's own `torch._scaled_mm` (KernelPreference.TORCH), and the quantisation is torch
+    code: nothing here needs torchao's compiled extensions. Those are built for one CUDA major version (the
+    PyPI wheel of 0.18.0 links libcudart.so.13, the container's torch is the CUDA 12.8 build), so they are not
+    loaded at all (TORCHAO_FORCE_SKIP_LOADING_SO_FILES, read by `import torchao`; cog.yaml sets it too).
     """
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization.quantize_.common import KernelPreference
     except ImportError as e:
         raise ImportError("fp8 needs torchao: pip install -r requirements-gpu.txt (torchao==0.18.0)") from e
     keep = fp8_filter(scope, min_features)
     count = sum(keep(m, n) for n, m in transformer.named_modules())
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    config = Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow(), set_inductor_config=False, kernel_preference=KernelPreference.TORCH
+    )
     quantize_(transformer, config, filter_fn=keep)
     logger.info("fp8 linear layers: %d (%s blocks)", count, scope.value)
     return count

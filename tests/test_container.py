@@ -1,10 +1,12 @@
 """What `cog build` makes of this directory: cog.yaml's torch/CUDA pair is one Cog knows, the keys are ones
-Cog does not deprecate, the container's and the CPU environment's requirements agree where they should, and
-.dockerignore keeps the weights, virtualenvs, outputs, caches and .git out of the image."""
+Cog does not deprecate, its `environment` (and the README's example of it) makes a valid Dockerfile ENV line,
+coglet and torchao are pinned to known builds, the container's and the CPU environment's requirements agree where
+they should, and .dockerignore keeps the weights, virtualenvs, outputs, caches and .git out of the image."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -23,10 +25,19 @@ TOP_KEYS = {"build", "environment", "image", "run"}
 BUILD_KEYS = {"cuda", "gpu", "python_requirements", "python_version", "run", "sdk_version", "system_packages"}
 
 
+WHEEL_URL = re.compile(
+    r"(\S+) @ https://files\.pythonhosted\.org/packages/\S+/([\w.]+?)-([\d.]+)-\S+\.whl#sha256=[0-9a-f]{64}"
+)
+
+
 def pins(filename: str) -> dict[str, str]:
-    """{normalised package name: pinned version} of a requirements file (its own lines, not -r includes)."""
+    """{normalised package name: pinned version} of a requirements file (its own lines, not -r includes): `==`
+    pins, or a PyPI wheel pinned by URL and hash."""
     out = {}
     for line in (ROOT / filename).read_text().splitlines():
+        if wheel := WHEEL_URL.fullmatch(line.strip()):
+            out[re.sub(r"[-_.]+", "-", wheel.group(1).lower())] = wheel.group(3)
+            continue
         line = line.split("#", 1)[0].strip()
         if not line or line.startswith("-"):
             continue
@@ -75,9 +86,119 @@ def test_cog_yaml_uses_no_deprecated_keys():
     assert (ROOT / module).is_file() and f"class {cls}(" in (ROOT / module).read_text()
 
 
-def test_the_container_runs_the_coglet_the_tests_run():
+def test_the_container_runs_the_cog_and_coglet_the_tests_run(tmp_path):
+    """sdk_version pins cog; coglet comes as the newest release unless the build sets COGLET_WHEEL
+    (replicate/cog pkg/wheels/wheels.go), which script/cog does. The `cog` run here is a stand-in that prints
+    what it was given: the real CLI is not installable on this machine."""
+    from script.openapi_schema import COG_VERSION
+    from serving.server import TESTED_COGLET
+
     dev = pins("requirements-dev.txt")
-    assert COG_YAML["build"]["sdk_version"] == dev["cog"] == dev["coglet"]
+    assert COG_YAML["build"]["sdk_version"] == dev["cog"] == dev["coglet"] == TESTED_COGLET == COG_VERSION
+    assert "coglet" not in pins("requirements.txt")  # Cog strips it from there (filterManagedPackages)
+    fake = tmp_path / "cog"
+    fake.write_text('#!/bin/sh\necho "COGLET_WHEEL=$COGLET_WHEEL args=$*"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "COGLET_WHEEL"} | {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    run = subprocess.run([ROOT / "script" / "cog", "build", "-t", "x"], env=env, capture_output=True, text=True)
+    assert run.stdout.strip() == f"COGLET_WHEEL=pypi:{dev['coglet']} args=build -t x", run.stderr
+    env["COGLET_WHEEL"] = "pypi:9.9.9"  # an explicit choice wins
+    run = subprocess.run([ROOT / "script" / "cog", "push"], env=env, capture_output=True, text=True)
+    assert run.stdout.strip() == "COGLET_WHEEL=pypi:9.9.9 args=push"
+
+
+def test_torchao_is_pypis_wheel_and_its_extensions_are_never_loaded():
+    line = next(x for x in (ROOT / "requirements.txt").read_text().splitlines() if x.startswith("torchao"))
+    assert WHEEL_URL.fullmatch(line), "torchao must be pinned to one wheel by URL and hash"
+    assert "manylinux" in line and "x86_64" in line and "cp310-abi3" in line  # any CPython >= 3.10
+    assert "TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1" in COG_YAML["environment"]
+    source = (ROOT / "flux" / "optimize.py").read_text()
+    assert 'os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")' in source
+    assert "kernel_preference=KernelPreference.TORCH" in source
+
+
+# ---- cog.yaml's environment: one unquoted Dockerfile ENV line --------------------------------------------
+
+# Cog's rules for `environment` (pkg/config/env.go): NAME=VALUE, no name twice, none of these names.
+ENV_DENY = ["PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED", "R8_*", "REPLICATE_*"]
+ENV_DENY += ["LIBRARY_PATH", "CUDA_*", "NVIDIA_*", "NV_*", "PGET_*", "HF_ENDPOINT", "HF_HUB_ENABLE_HF_TRANSFER"]
+ENV_DENY += ["KUBERNETES_*"]
+
+
+def cog_env_line(entries: list[str]) -> str:
+    """The Dockerfile line Cog writes for cog.yaml's `environment` (pkg/dockerfile/env.go, envLineFromConfig):
+    `ENV` and NAME=VALUE pairs sorted by name, joined by spaces, nothing quoted."""
+    env = {}
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        assert sep and name, f"environment variable {entry!r} is not in the KEY=VALUE format"
+        assert not any(name == d or (d.endswith("*") and name.startswith(d[:-1])) for d in ENV_DENY), name
+        assert name not in env, f"environment variable {name!r} is already defined"
+        env[name] = value
+    return "ENV " + " ".join(f"{name}={env[name]}" for name in sorted(env))
+
+
+def dockerfile_env(line: str) -> dict[str, str]:
+    """What Docker sets from an `ENV k=v ...` line: BuildKit's word splitting (frontend/dockerfile/parser/
+    line_parsers.go, parseWords and parseNameVal: every word must hold "="). Values must come through as
+    written: a quote, backslash or `$` would be processed (quote removal, escapes, variable expansion)."""
+    rest = line.removeprefix("ENV ")
+    words, word, quote = [], "", ""
+    for ch in rest:
+        if quote:
+            word += ch
+            quote = "" if ch == quote else quote
+        elif ch.isspace():
+            if word:
+                words.append(word)
+            word = ""
+        else:
+            word += ch
+            quote = ch if ch in "'\"" else ""
+    if word:
+        words.append(word)
+    env = {}
+    for word in words:
+        if "=" not in word:
+            raise ValueError(f"Syntax error - can't find = in {word!r}. Must be of the form: name=value")
+        name, value = word.split("=", 1)
+        if any(c in value for c in "'\"\\$"):
+            raise ValueError(f"{name}'s value would be changed by Docker's quote, escape or variable processing")
+        env[name] = value
+    return env
+
+
+def readme_environment() -> list[str]:
+    """The `environment:` example of the README's Deploy section."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    examples = [yaml.safe_load(b)["environment"] for b in blocks if "environment:" in b]
+    assert len(examples) == 1
+    return examples[0]
+
+
+def test_cog_yamls_environment_is_a_valid_env_line():
+    entries = COG_YAML["environment"]
+    assert dockerfile_env(cog_env_line(entries)) == dict(e.split("=", 1) for e in entries)
+
+
+def test_the_readmes_environment_example_is_a_valid_env_line_with_the_urls_it_lists(monkeypatch):
+    from flux.weights import weights_urls
+
+    entries = readme_environment()
+    env = dockerfile_env(cog_env_line(entries))
+    assert env == dict(e.split("=", 1) for e in entries)
+    monkeypatch.setenv("FLUX_WEIGHTS_URL", env["FLUX_WEIGHTS_URL"])
+    urls = weights_urls()
+    assert len(urls) > 1 and all(u.startswith("https://") and u.endswith(".tar") for u in urls)
+
+
+def test_a_space_separated_url_list_is_not_a_valid_env_line():
+    line = cog_env_line(["FLUX_WEIGHTS_URL=https://a.example/1.tar https://a.example/2.tar"])
+    with pytest.raises(ValueError, match="can't find = in 'https://a.example/2.tar'"):
+        dockerfile_env(line)
+    with pytest.raises(ValueError, match="would be changed"):
+        dockerfile_env(cog_env_line(['FLUX_WEIGHTS_URL="https://a.example/1.tar https://a.example/2.tar"']))
 
 
 def test_the_container_installs_a_pinned_pget():
