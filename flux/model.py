@@ -93,16 +93,29 @@ def load_strict(cls: type, directory: Path, subfolder: str, **kwargs) -> torch.n
         # model is then refused below, never used with a re-initialised tensor).
         kwargs.setdefault("ignore_mismatched_sizes", True)
     try:
-        model, info = cls.from_pretrained(directory, subfolder=subfolder, output_loading_info=True, **kwargs)
+        try:
+            model, info = cls.from_pretrained(directory, subfolder=subfolder, output_loading_info=True, **kwargs)
+        except NotImplementedError as e:
+            if "meta tensor" not in str(e) or "device_map" not in kwargs:
+                raise
+            # With device_map, a tensor the files lack stays on the meta device, and placing the model fails
+            # before the library reports which one: on this error path only, load again without it, for the
+            # loading info that names it.
+            kwargs = {k: v for k, v in kwargs.items() if k != "device_map"}
+            model, info = cls.from_pretrained(directory, subfolder=subfolder, output_loading_info=True, **kwargs)
+            _check_loading_info(subfolder, cls, info)
+            raise WeightsError(f"could not load {subfolder}/ from {directory}: {e}") from e
     except (OSError, ValueError) as e:
         raise WeightsError(f"could not load {subfolder}/ from {directory}: {e}") from e
     _check_loading_info(subfolder, cls, info)
     return model.eval().requires_grad_(False)
 
 
-def _load_model(directory: Path, subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
+def _load_model(directory: Path, subfolder: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """One component, its tensors read from the file straight onto `device` (device_map): one tensor at a time
+    passes through host memory, never the whole component (the transformer alone is 24 GB in bfloat16)."""
     dtype_kw = "torch_dtype" if subfolder in ("transformer", "vae") else "dtype"
-    return load_strict(_MODELS[subfolder], directory, subfolder, **{dtype_kw: dtype})
+    return load_strict(_MODELS[subfolder], directory, subfolder, **{dtype_kw: dtype, "device_map": str(device)})
 
 
 def load_components(
@@ -124,7 +137,10 @@ def load_components(
     except (OSError, ValueError) as e:
         raise WeightsError(f"could not read scheduler/ from {directory}: {e}") from e
 
-    models = {name: _load_model(directory, name, dtype).to(device) for name in _MODELS}
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # device_map wants one device, not "cuda"
+    models = {name: _load_model(directory, name, dtype, device) for name in _MODELS}
     tokenizers = {}
     for name, cls in _TOKENIZERS.items():
         try:
