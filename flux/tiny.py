@@ -157,6 +157,22 @@ def _building_on(device: str | torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def synthetic_transformer(cfg: SyntheticConfig) -> FluxTransformer2DModel:
+    """The transformer of a synthetic model, created on the current default device and dtype (no gain applied)."""
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * cfg.latent_channels,
+        num_layers=cfg.num_layers,
+        num_single_layers=cfg.num_single_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        joint_attention_dim=cfg.text_dim,
+        pooled_projection_dim=cfg.clip_dim,
+        guidance_embeds=True,
+        axes_dims_rope=cfg.axes_dims_rope,
+    )
+
+
 def build_pipeline(
     cfg: SyntheticConfig = TINY, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> FluxKontextPipeline:
@@ -195,18 +211,7 @@ def build_pipeline(
                 decoder_start_token_id=tokenizer_2.pad_token_id,
             )
         )
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4 * cfg.latent_channels,
-            num_layers=cfg.num_layers,
-            num_single_layers=cfg.num_single_layers,
-            attention_head_dim=cfg.attention_head_dim,
-            num_attention_heads=cfg.num_attention_heads,
-            joint_attention_dim=cfg.text_dim,
-            pooled_projection_dim=cfg.clip_dim,
-            guidance_embeds=True,
-            axes_dims_rope=cfg.axes_dims_rope,
-        )
+        transformer = synthetic_transformer(cfg)
         if cfg.conditioning_gain != 1.0:
             with torch.no_grad():
                 for module in (transformer.time_text_embed, transformer.context_embedder, transformer.x_embedder):

@@ -47,27 +47,22 @@ def build(directory: Path, gigabytes: float) -> Path:
     """The synthetic transformer in `directory` (kept if already there): FLUX.1's widths, as many double-stream
     blocks (with twice as many single-stream ones) as fit in `gigabytes` in bfloat16, random weights."""
     import torch
-    from diffusers import FluxTransformer2DModel
 
-    from flux.tiny import FULL
+    from flux.tiny import FULL, synthetic_transformer
 
     marker = directory / "transformer" / "config.json"
     if marker.exists():
         return directory
-    # A double-stream block of FLUX.1 holds ~340M parameters and a single-stream one ~141M: ~0.62B per pair.
-    doubles = max(1, round(gigabytes / (2 * 0.62 * 1.45)))
-    cfg = replace(FULL, num_layers=doubles, num_single_layers=2 * doubles)
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(
-            num_layers=cfg.num_layers,
-            num_single_layers=cfg.num_single_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            attention_head_dim=cfg.attention_head_dim,
-            joint_attention_dim=cfg.text_dim,
-            pooled_projection_dim=cfg.clip_dim,
-            axes_dims_rope=cfg.axes_dims_rope,
-            guidance_embeds=True,
-        )
+
+    def with_pairs(n: int):  # n double-stream blocks and 2n single-stream ones, FLUX.1's widths, on "meta"
+        with torch.device("meta"):
+            return synthetic_transformer(replace(FULL, num_layers=n, num_single_layers=2 * n))
+
+    def size(model) -> int:
+        return sum(p.numel() for p in model.parameters()) * 2  # bfloat16
+
+    per_pair = size(with_pairs(2)) - size(with_pairs(1))
+    model = with_pairs(max(1, round((gigabytes * 1e9 - size(with_pairs(1)) + per_pair) / per_pair)))
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
