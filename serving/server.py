@@ -71,9 +71,10 @@ class EditServer:
         downloads.limit_cog_downloads()
         # A GPU, unless the weights already here are a test model or FLUX_DEVICE=cpu: checked before any fetch,
         # so that a container without its GPU fails in seconds instead of after downloading 34 GB.
-        device = serving_device(weights_directory())
+        directory = weights_directory()
+        device = serving_device(directory)
         # The weights, fetched from $FLUX_WEIGHTS_URL or the hub when missing; logs where they came from.
-        weights = resolve_weights_dir()
+        weights = resolve_weights_dir(directory)
         # Before the model, so that missing checker weights fail setup in seconds, not after loading 34 GB.
         checker = safety.checker_from_env(weights)
         # Accelerations from $FLUX_ACCELERATIONS (default: flux.optimize's defaults for the device); with
