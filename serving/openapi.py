@@ -1,4 +1,5 @@
-"""Make the Cog server accept `null` for the inputs its schema says may be null.
+"""Make the schema the Cog server validates with and serves say what it accepts: `null` for the inputs it marks
+nullable, and no prediction request without an `input`.
 
 `cog build` marks an input declared `X | None` with OpenAPI 3.0's `"nullable": true` (replicate/cog
 pkg/schema/openapi_spec.go), which means that `null` is a valid value. coglet validates requests with a JSON
@@ -11,9 +12,13 @@ coglet reads .cog/openapi_schema.json when setup has finished (crates/coglet/src
 schema" comes after the predictor's setup). So setup rewrites each nullable input to say the same thing in a form
 that validator honours: the input's type and constraints move into the first branch of an `anyOf`, and a second
 branch accepts `null` (`{"enum": [null], "nullable": true}`, valid OpenAPI 3.0 as well). Title, description,
-default and order stay where they were. Nothing else in the document changes, and a rewritten input is left as
+default and order stay where they were. Nothing else about the inputs changes, and a rewritten input is left as
 it is, so running this twice changes nothing. tests/test_deploy.py checks, through the real server, that every
 input the schema marks nullable takes `null`, and that every other one refuses it with a 422 naming it.
+
+The other way round, Cog's PredictionRequest does not list `input` as required, but coglet answers a request
+without one with 422 (the required inputs are missing): the served document says it is required (an API fuzzer
+in positive mode found no other schema-valid request refused).
 """
 
 from __future__ import annotations
@@ -30,18 +35,23 @@ NULL = {"enum": [None], "nullable": True}
 _ANNOTATIONS = ("title", "description", "default", "nullable", "x-order", "deprecated")
 
 
-def accept_null(schema: dict) -> dict:
-    """`schema` (an OpenAPI document from `cog build`) with every nullable input accepting `null`."""
-    properties = schema.get("components", {}).get("schemas", {}).get("Input", {}).get("properties", {})
+def served_schema(schema: dict) -> dict:
+    """`schema` (an OpenAPI document from `cog build`) with every nullable input accepting `null`, and `input`
+    required in a prediction request when some input is."""
+    schemas = schema.get("components", {}).get("schemas", {})
+    properties = schemas.get("Input", {}).get("properties", {})
     for name, prop in list(properties.items()):
         if prop.get("nullable") is not True or NULL in prop.get("anyOf", ()):
             continue
         typed = {k: v for k, v in prop.items() if k not in _ANNOTATIONS}
         properties[name] = {k: v for k, v in prop.items() if k in _ANNOTATIONS} | {"anyOf": [typed, NULL]}
+    request = schemas.get("PredictionRequest", {})
+    if schemas.get("Input", {}).get("required") and "input" in request.get("properties", {}):
+        request["required"] = sorted({*request.get("required", ()), "input"})
     return schema
 
 
-def accept_null_in_schema_file(path: Path = SCHEMA_FILE) -> None:
+def rewrite_schema_file(path: Path = SCHEMA_FILE) -> None:
     """Rewrite the schema file coglet is about to read (see the module docstring); atomic. Without one (not
     under the Cog server) nothing happens; one that cannot be rewritten leaves `null` refused, with a warning."""
     if not path.is_file():
@@ -49,7 +59,7 @@ def accept_null_in_schema_file(path: Path = SCHEMA_FILE) -> None:
         return
     try:
         schema = json.loads(path.read_text())
-        text = json.dumps(accept_null(schema))
+        text = json.dumps(served_schema(schema))
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         partial.write_text(text)
         os.replace(partial, path)

@@ -66,7 +66,7 @@ class EditServer:
     def __init__(self) -> None:
         _log_server_versions()
         # The schema coglet validates with, read when setup ends: `null` accepted where it says nullable.
-        openapi.accept_null_in_schema_file()
+        openapi.rewrite_schema_file()
         # Input URLs: public hosts only, a total deadline and a size cap; failed fetches leave no file behind.
         downloads.limit_cog_downloads()
         # A GPU, unless the weights already here are a test model or FLUX_DEVICE=cpu: checked before any fetch,

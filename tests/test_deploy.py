@@ -20,7 +20,7 @@ from flux import weight_archives as wa
 from flux.model import RANDOM_WEIGHTS_MARKER
 from script.openapi_schema import build_schema
 from script.pack_weights import pack
-from serving.openapi import accept_null
+from serving.openapi import served_schema
 from tests.archive_server import ArchiveServer, Body
 from tests.cog_server import ROOT, data_uri, decode_output, free_port, running_server
 from tests.conftest import make_image
@@ -101,7 +101,9 @@ def test_setup_logs_where_the_weights_came_from_and_the_runtime(fetched_server):
 
 def test_the_server_serves_the_schema_cog_builds_with_null_accepted_where_it_is_nullable(fetched_server):
     served = requests.get(f"{fetched_server.url}/openapi.json", timeout=10).json()
-    assert served == accept_null(build_schema())
+    assert served == served_schema(build_schema())
+    assert served["components"]["schemas"]["PredictionRequest"]["required"] == ["input"]
+    assert requests.post(f"{fetched_server.url}/predictions", json={}, timeout=30).status_code == 422
     assert "/predictions" in served["paths"] and "PredictionResponse" in served["components"]["schemas"]
 
 
