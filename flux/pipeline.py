@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 
 from flux import clock, images, sampling
-from flux.errors import InvalidInputError
+from flux.errors import InvalidInputError, NonFiniteOutputError
 from flux.lora import LoraRequest, LoraSlot
 from flux.model import FluxComponents, load_components
 from flux.optimize import Accelerations, optimize
@@ -260,6 +260,10 @@ class KontextEditor:
             )
             seconds["denoise"] = self._now() - t0
         seconds.update(lora_seconds)
+        # One read back to the host after the loop (the clock above has waited for the GPU already): NaN or
+        # infinite latents would decode to a black picture that looks like a result.
+        if not torch.isfinite(tokens).all():
+            raise NonFiniteOutputError(int((~torch.isfinite(tokens)).sum()), tokens.numel())
         latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
 
         t0 = self._now()
