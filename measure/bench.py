@@ -40,10 +40,10 @@ import PIL.Image
 import torch
 from torch._dynamo.utils import counters
 
-from flux import optimize, sampling
+from flux import clock, optimize, sampling
 from flux.model import FluxComponents
 from flux.optimize import AccelerationConfig, Shape
-from flux.pipeline import EditRequest, KontextEditor
+from flux.pipeline import EditRequest, KontextEditor, served_shapes
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
 from flux.tiny import FULL, TINY, build_pipeline
 from measure import bench_table, records
@@ -418,13 +418,13 @@ class Run:
         )
 
     def _build(self) -> None:
-        t0 = time.perf_counter()
+        t0 = clock.now(self.device)
         try:
             components = build_components(self.args.config, self.device)
         except Exception as e:
             self._error("build", e)
             raise
-        build_s = time.perf_counter() - t0
+        build_s = clock.now(self.device) - t0  # random initialisation runs on the GPU
         tconfig = dict(components.transformer.config)
         matmul = measure_matmul_rate(self.device, components.dtype)
         self.rate = matmul["flops_per_s"]
@@ -480,9 +480,9 @@ class Run:
         name = config.describe()
         torch._dynamo.reset()
         free_memory(self.device)
-        # Compiled settings warm up every size of the run before timing (one compilation serves them all),
-        # or the shapes the server serves when the run times what its setup() does.
-        shapes = None if self.args.warm_up == "served" else [Shape(*c.size, *c.size) for c in self.cases]
+        # Compiled settings warm up what they need of this run's sizes before timing, or of the shapes the
+        # server serves when the run times what its setup() does (optimize.warm_up_shapes).
+        shapes = served_shapes() if self.args.warm_up == "served" else [Shape(*c.size, *c.size) for c in self.cases]
         log(f"{name}: applying and warming up")
         try:
             transformer = self.source.get(modifies=config != AccelerationConfig(), needed_later=needed_later)
@@ -566,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--warm-up",
         choices=["run", "served"],
         default="run",
-        help="shapes compiled settings warm up before timing: this run's sizes, or every shape the server "
-        "serves (as its setup() does; with --compile-cache, the artifacts a restart loads)",
+        help="the shapes compiled settings warm up from (flux.optimize.warm_up_shapes) before timing: this run's "
+        "sizes, or the server's (as its setup() does; with --compile-cache, the artifacts a restart loads)",
     )
     parser.add_argument(
         "--compile-cache",

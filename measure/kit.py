@@ -7,8 +7,8 @@ GPU lent for minutes (script/bench-gpu is the entry point).
 Parts, on the full-size model with random weights built on one CUDA GPU, 1024² output and context, 28 steps:
 
     1  diffusers' eager FluxKontextPipeline (bf16) against ours, eager, at none / go fast / go really fast
-    2  regional compile (the server's GPU default) at the three levels, warming up every served shape and
-       saving the compile artifacts, as the server's setup() does
+    2  regional compile (the server's GPU default) at the three levels, warming up what it needs of the served
+       shapes and saving the compile artifacts, as the server's setup() does
     3  fp8 linear layers + regional compile, single-stream blocks and all blocks, at none and go really fast
     4  warm restart: setup() in a fresh process with part 2's artifacts (a cold process first if there are none)
     5  resolution scaling, 0.25 / 1 / 2 MP, for the server's default setting

@@ -84,10 +84,11 @@ def test_budget_spent_skips_every_row_and_keeps_the_rest(tmp_path, capsys):
 def test_a_setting_that_cannot_run_here_is_skipped_and_the_others_run(tmp_path):
     out = tmp_path / "rows.jsonl"
     args = ["--config", "tiny", "--steps", "10", "--size", "32x32", "--repeats", "1", "--no-baseline"]
-    assert bench.main([*args, "--levels", "go really fast", "--accelerations", "fp8,fuse", "--jsonl", str(out)]) == 0
+    specs = "fp8+regional,fuse"
+    assert bench.main([*args, "--levels", "go really fast", "--accelerations", specs, "--jsonl", str(out)]) == 0
     rows = read_rows(out)
     (skipped,) = [r for r in rows if r["kind"] == "skipped"]
-    assert skipped["accelerations"] == "fp8" and "needs a CUDA GPU" in skipped["reason"]
+    assert skipped["accelerations"] == "fp8+regional" and "needs a CUDA GPU" in skipped["reason"]
     (run,) = [r for r in rows if r["kind"] == "run"]
     assert run["accelerations"] == "fuse" and run["transformer_calls"] == run["expected_calls"]
     assert run["skip_cost_ratio"] >= 0 and "speedup_vs_baseline" not in run
