@@ -15,7 +15,7 @@ checked as it is dispatched (a violation stops the run with an error that names 
 - dtype: every matmul-class op (linear, matmul, attention, convolution), in or out of the loop, runs on the
   GPU in the model's dtype (a float32 upcast doubles its time and memory).
 
-What it counts: the FLOPs of each transformer call (matmuls and attention, as measure.bench.transformer_flops
+What it counts: the FLOPs of each transformer call (matmuls and attention, as measure.floors.transformer_flops
 counts them; the two must agree), and the live tensor bytes after every op (each fresh storage from its
 allocation until it is freed), whose peak is a GPU memory estimate. It leaves out what no tensor shows: the
 CUDA context and the libraries' workspaces (cuBLAS, cuDNN; about 1 GiB together), the caching allocator's
@@ -51,7 +51,7 @@ from flux.model import FluxComponents
 from flux.pipeline import EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.tiny import FULL, SyntheticConfig, build_pipeline
-from measure import bench
+from measure import bench, floors
 
 GIB = 2**30
 _GPU = torch.device("cuda", 0)
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         size = bench.megapixel_size(float(mp))
         report = gpu.rehearse(size, args.steps, AccelerationLevel(args.level))
         n = (size[0] // 16) * (size[1] // 16)
-        expected = bench.transformer_flops(config, 2 * n)
+        expected = floors.transformer_flops(config, 2 * n)
         call = report.calls[0]
         assert (call.matmul, call.attention) == (expected.matmul, expected.attention), (call, expected)
         peaks = report.phase_peaks

@@ -8,14 +8,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flux import sampling
 from flux.tiny import FULL, build_pipeline
-from measure import bench
+from measure import bench, floors
 from measure.records import RowWriter, read_rows
 
 
 def test_full_model_flops_per_call_at_one_megapixel():
     # 1024² Kontext edit: 4096 noise + 4096 context tokens, 512 text tokens.
     config = dict(build_pipeline(FULL, "meta", torch.bfloat16).transformer.config)
-    flops = bench.transformer_flops(config, image_tokens=8192, text_tokens=512)
+    flops = floors.transformer_flops(config, image_tokens=8192, text_tokens=512)
     assert flops.matmul == pytest.approx(112.4e12, rel=2e-3)
     assert flops.attention == pytest.approx(53.06e12, rel=2e-3)
     assert flops.total == pytest.approx(165.5e12, rel=2e-3)
@@ -38,7 +38,7 @@ def test_flop_count_matches_torch_flop_counter_on_the_tiny_transformer():
             guidance=torch.full((1,), 2.5),
             return_dict=False,
         )
-    assert bench.transformer_flops(dict(transformer.config), 2 * n, 512).total == counter.get_total_flops()
+    assert floors.transformer_flops(dict(transformer.config), 2 * n, 512).total == counter.get_total_flops()
 
 
 def test_full_size_models_have_flux_kontext_dimensions_without_allocating():
@@ -75,7 +75,9 @@ def test_budget_spent_skips_every_row_and_keeps_the_rest(tmp_path, capsys):
     meta = rows[0]
     assert meta["config"] == "tiny" and "--budget 0" in meta["command"]
     assert meta["versions"]["diffusers"] and meta["torch"] == torch.__version__
-    assert rows[1]["matmul"]["flops_per_s"] > 0
+    micro = {(r["kind"], r.get("backend")): r for r in rows[1]["micro"]}
+    assert micro["gemm", None]["flops_per_s"] > 0 and micro["sdpa", "flash"]["flops_per_s"] > 0
+    assert micro["sdpa", "flash"]["tokens"] == 2 * 12 + 512  # 64x48: 12 noise + 12 context + 512 text tokens
     assert "time budget" in rows[2]["reason"] and rows[2]["accelerations"] == "diffusers eager"
     assert {r["accelerations"] for r in rows[3:5]} == {"off", "fuse"}
     assert "skipped" in capsys.readouterr().out

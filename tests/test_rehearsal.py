@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
-from measure import bench, rehearsal
+from measure import floors, rehearsal
 
 ROOT = Path(__file__).resolve().parent.parent
 ONE_MP = (1024, 1024)
@@ -36,7 +36,7 @@ def test_a_whole_1mp_edit_runs_on_the_fake_gpu_with_every_op_checked(gpu):
 
     report = gpu.rehearse(ONE_MP, 28, AccelerationLevel.GO_REALLY_FAST)
     assert len(report.calls) == sum(generate_compute_step_map(AccelerationLevel.GO_REALLY_FAST, 28)) == 13
-    expected = bench.transformer_flops(dict(transformer.config), image_tokens=2 * 4096)
+    expected = floors.transformer_flops(dict(transformer.config), image_tokens=2 * 4096)
     assert all((c.matmul, c.attention) == (expected.matmul, expected.attention) for c in report.calls)
     assert report.loop_ops > 10_000
     # What reads back to the host, all outside the loop: the clock between phases, the finite check after the
