@@ -267,6 +267,8 @@ def fp8_filter(scope: Fp8Scope, min_features: int = FP8_MIN_FEATURES):
     def keep(module: torch.nn.Module, name: str) -> bool:
         if not isinstance(module, torch.nn.Linear) or not name.startswith(prefixes):
             return False
+        if type(module.weight.data) is not torch.Tensor:  # quantised already (fp8-all after fp8, in place)
+            return False
         if ".norm" in name:  # the adaptive norms' modulation: one row per image, nothing to gain
             return False
         # fp8 matmuls need dimensions that are multiples of 16.

@@ -167,6 +167,11 @@ def sample_image(width: int, height: int) -> PIL.Image.Image:
     return PIL.Image.fromarray(rgb)
 
 
+def request(level: AccelerationLevel, size: tuple[int, int], steps: int) -> EditRequest:
+    """The benchmark's edit: its prompt, a gradient image of `size`, seed 0."""
+    return EditRequest(PROMPT, sample_image(*size), num_inference_steps=steps, seed=SEED, acceleration=level)
+
+
 def step_costs(editor: KontextEditor, request: EditRequest, size: tuple[int, int]) -> dict:
     """Median seconds of a computed and of a skipped denoising step, from one extra edit timed step by step."""
     device = editor.components.device
@@ -194,18 +199,21 @@ def bench_ours(
     steps: int,
     repeats: int,
     step_probe: bool = True,
+    untimed: bool = True,
 ) -> dict:
-    """One untimed edit, then the median of `repeats` timed ones; with `step_probe`, one more edit timed
-    step by step when the level skips steps (at `none` there is no skipped step to compare)."""
+    """With `untimed`, one untimed edit (first-run allocations, lazy initialisation); then the median of
+    `repeats` timed ones; with `step_probe`, one more edit timed step by step when the level skips steps (at
+    `none` there is no skipped step to compare)."""
     device = editor.components.device
-    request = EditRequest(PROMPT, sample_image(*size), num_inference_steps=steps, seed=SEED, acceleration=level)
-    editor.edit_at_size(request, size, size)  # untimed: first-run allocations, lazy initialisation
+    edit = request(level, size, steps)
+    if untimed:
+        editor.edit_at_size(edit, size, size)
     graphs = graphs_compiled()
     runs = []
     for _ in range(repeats):
         floors.sync(device)
         t0 = time.perf_counter()
-        result = editor.edit_at_size(request, size, size)
+        result = editor.edit_at_size(edit, size, size)
         floors.sync(device)
         runs.append((time.perf_counter() - t0, result))
     total, result = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
@@ -220,12 +228,15 @@ def bench_ours(
         "recompiles": graphs_compiled() - graphs,
     }
     if step_probe and not all(step_map):
-        out.update(step_costs(editor, request, size))
+        out.update(step_costs(editor, edit, size))
     return out
 
 
-def bench_baseline(components: FluxComponents, size: tuple[int, int], steps: int, repeats: int) -> dict:
-    """diffusers' FluxKontextPipeline, eager, on the same weights; the context image is given at `size`."""
+def bench_baseline(
+    components: FluxComponents, size: tuple[int, int], steps: int, repeats: int, untimed: bool = True
+) -> dict:
+    """diffusers' FluxKontextPipeline, eager, on the same weights; the context image is given at `size`. With
+    `untimed`, one untimed run first (without it, run it after ours on the same weights, so nothing is cold)."""
     c = components
     pipe = c.diffusers_pipeline()
     calls = 0
@@ -249,7 +260,8 @@ def bench_baseline(components: FluxComponents, size: tuple[int, int], steps: int
     device = c.device
     mark_memory(device)
     try:
-        pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(SEED))  # untimed warm-up
+        if untimed:
+            pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(SEED))
         times = []
         for _ in range(repeats):
             calls = 0

@@ -169,7 +169,7 @@ def gemm_rate(device: torch.device, dtype: torch.dtype) -> dict:
     runs, per_run = (10, 10) if device.type == "cuda" else (5, 1)
     seconds = _best_seconds(lambda: a @ b, device, runs, per_run)
     return {
-        "kind": "gemm",
+        "op": "gemm",
         "shape": [m, k, n],
         "dtype": str(dtype),
         "seconds": seconds,
@@ -190,7 +190,7 @@ def fp8_gemm_rate(device: torch.device) -> dict:
 
     seconds = _best_seconds(mm, device, 10, 10)
     return {
-        "kind": "fp8 gemm",
+        "op": "fp8 gemm",
         "shape": [m, k, n],
         "dtype": "float8_e4m3fn",
         "seconds": seconds,
@@ -206,7 +206,7 @@ def sdpa_rate(device: torch.device, dtype: torch.dtype, tokens: int, backend: st
     kernel |= {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
     flops = 4 * heads * tokens * tokens * head_dim
-    row = {"kind": "sdpa", "backend": backend, "tokens": tokens, "heads": heads, "head_dim": head_dim}
+    row = {"op": "sdpa", "backend": backend, "tokens": tokens, "heads": heads, "head_dim": head_dim}
     try:
         with sdpa_kernel(kernel[backend]):
             seconds = _best_seconds(
@@ -222,15 +222,15 @@ def sdpa_rate(device: torch.device, dtype: torch.dtype, tokens: int, backend: st
 
 def best_sdpa(rows: Sequence[dict], tokens: int | None = None) -> dict | None:
     """The fastest measured SDPA row (at `tokens` when given)."""
-    ok = [r for r in rows if r.get("kind") == "sdpa" and "flops_per_s" in r and tokens in (None, r["tokens"])]
+    ok = [r for r in rows if r.get("op") == "sdpa" and "flops_per_s" in r and tokens in (None, r["tokens"])]
     return max(ok, key=lambda r: r["flops_per_s"], default=None)
 
 
 def rates_from(rows: Sequence[dict], tokens: int | None = None) -> Rates:
     """Rates from microbenchmark rows: the GEMM, the fp8 GEMM if measured, the best SDPA (at `tokens` if
     measured there, else at any size)."""
-    gemm = next(r for r in rows if r.get("kind") == "gemm")
-    fp8 = next((r for r in rows if r.get("kind") == "fp8 gemm" and "flops_per_s" in r), None)
+    gemm = next(r for r in rows if r.get("op") == "gemm")
+    fp8 = next((r for r in rows if r.get("op") == "fp8 gemm" and "flops_per_s" in r), None)
     sdpa = best_sdpa(rows, tokens) or best_sdpa(rows)
     return Rates(gemm["flops_per_s"], sdpa["flops_per_s"], fp8["flops_per_s"] if fp8 else None)
 

@@ -75,7 +75,7 @@ def test_budget_spent_skips_every_row_and_keeps_the_rest(tmp_path, capsys):
     meta = rows[0]
     assert meta["config"] == "tiny" and "--budget 0" in meta["command"]
     assert meta["versions"]["diffusers"] and meta["torch"] == torch.__version__
-    micro = {(r["kind"], r.get("backend")): r for r in rows[1]["micro"]}
+    micro = {(r["op"], r.get("backend")): r for r in rows[1]["micro"]}
     assert micro["gemm", None]["flops_per_s"] > 0 and micro["sdpa", "flash"]["flops_per_s"] > 0
     assert micro["sdpa", "flash"]["tokens"] == 2 * 12 + 512  # 64x48: 12 noise + 12 context + 512 text tokens
     assert "time budget" in rows[2]["reason"] and rows[2]["accelerations"] == "diffusers eager"

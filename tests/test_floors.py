@@ -76,11 +76,11 @@ def test_two_megapixels_are_half_attention():
 
 def test_rates_come_from_the_best_backend_measured_at_the_size():
     rows = [
-        {"kind": "gemm", "flops_per_s": 7.0},
-        {"kind": "sdpa", "backend": "flash", "tokens": 8704, "flops_per_s": 3.0},
-        {"kind": "sdpa", "backend": "cudnn", "tokens": 8704, "flops_per_s": 5.0},
-        {"kind": "sdpa", "backend": "cudnn", "tokens": 17074, "flops_per_s": 6.0},
-        {"kind": "sdpa", "backend": "efficient", "tokens": 8704, "error": "no kernel"},
+        {"op": "gemm", "flops_per_s": 7.0},
+        {"op": "sdpa", "backend": "flash", "tokens": 8704, "flops_per_s": 3.0},
+        {"op": "sdpa", "backend": "cudnn", "tokens": 8704, "flops_per_s": 5.0},
+        {"op": "sdpa", "backend": "cudnn", "tokens": 17074, "flops_per_s": 6.0},
+        {"op": "sdpa", "backend": "efficient", "tokens": 8704, "error": "no kernel"},
     ]
     assert floors.rates_from(rows, 8704) == floors.Rates(gemm=7.0, sdpa=5.0)
     assert floors.rates_from(rows, 2560).sdpa == 6.0  # not measured there: the best anywhere
