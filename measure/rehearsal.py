@@ -8,8 +8,8 @@ torch's FakeTensorMode gives every tensor a device, a dtype and a shape and no d
 cost nothing, and every op runs its shape logic only. The serving code runs as it is, op by op, and each op is
 checked as it is dispatched (a violation stops the run with an error that names the op and where it ran):
 
-- device: inside the denoise loop every tensor an op touches is on the GPU (a CPU tensor there means a host
-  round trip every step on a real GPU, or a device-mismatch error there);
+- device: inside the denoise loop every op runs on the GPU, on GPU tensors only (a CPU op or tensor there means
+  host work or a host round trip every step on a real GPU, or a device-mismatch error there);
 - host syncs: nothing inside the denoise loop reads a value back (`.item()`, `bool(tensor)`, a copy to the
   CPU, `nonzero`): on a GPU each one stalls the queue of kernels until the GPU catches up;
 - dtype: every matmul-class op (linear, matmul, attention, convolution), in or out of the loop, runs on the
@@ -24,8 +24,11 @@ kernels (flash and cuDNN attention keep only their output and log-sum-exp; the m
 S × S scores), what torch.compile changes (fused kernels keep fewer intermediates; CUDA graphs keep their own
 pool), fp8 weights, the safety checker (~0.9 GB in float16) and LoRA originals kept on the GPU.
 
-Host reads outside the loop are allowed and counted (the finite check after the loop, the copy of the picture
-to the host): a fake tensor has no values, so they read as placeholders (True, zeros) and the picture is black.
+Host work on host tensors (decoding and resizing the input, the seeded noise, position ids) runs for real, since
+its values steer what follows; a host tensor becomes a fake GPU one where it is copied to the GPU. Host reads of
+GPU tensors outside the loop are allowed and counted (the clock's waits between phases, the finite check after
+the loop, the copy of the picture to the host): a fake tensor has no values, so they read as placeholders (True,
+zeros) and the picture is black.
 """
 
 from __future__ import annotations
