@@ -34,7 +34,6 @@ import argparse
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from measure import bench_table
+from measure import bench_table, records
 from measure.records import ENV_DEADLINE_AT, PACKAGES, RowWriter, nvidia_smi, package_version, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -348,7 +347,7 @@ class Kit:
             self.say(
                 f"part {part.name}: {label} reached its limit of {limit:.0f} s; stopping it (rows so far are kept)"
             )
-            _stop(proc)
+            records.stop_group(proc)
         reader.join(timeout=30)
         seconds = time.perf_counter() - t0
         for path in caches.values():
@@ -376,20 +375,6 @@ class Kit:
             sys.stdout.flush()
             self.log_file.write(line)
             self.log_file.flush()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the part's process group (the compiler's worker processes too), SIGKILL if it lingers."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def preflight(args: argparse.Namespace, names: list[str]) -> str | None:

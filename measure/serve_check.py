@@ -113,12 +113,7 @@ def check(args: argparse.Namespace, writer: records.RowWriter, workdir: Path) ->
                 error=body.get("error"),
             )
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        records.stop_group(proc)
         log.close()
         tail = (workdir / "server.log").read_text(errors="replace")[-3000:]
         if failures or proc.returncode not in (0, -signal.SIGTERM):

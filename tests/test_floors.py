@@ -1,8 +1,9 @@
-"""The floor of a call: FLOPs split where fp8 applies (checked against the layers fp8 quantises), each kind of
-work at its own rate."""
+"""The floor of a call: FLOPs counted (against torch's own counter and the full model's known figure) and split
+where fp8 applies (checked against the layers fp8 quantises), each kind of work at its own rate."""
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from flux import optimize, sampling
 from flux.optimize import Fp8Scope
@@ -10,26 +11,13 @@ from flux.tiny import build_pipeline
 from measure import floors
 
 
-def linear_flops_by_scope(transformer, image_tokens: int) -> dict[str, float]:
-    """Run the tiny transformer once and add up each linear layer's FLOPs, by where fp8 would put it."""
-    single = optimize.fp8_filter(Fp8Scope.SINGLE, min_features=1)
-    every = optimize.fp8_filter(Fp8Scope.ALL, min_features=1)
-    totals = {"single": 0.0, "double": 0.0, "other": 0.0}
-    handles = []
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            scope = "single" if single(module, name) else "double" if every(module, name) else "other"
-
-            def count(m, args, out, scope=scope):
-                totals[scope] += 2 * args[0].numel() // m.in_features * m.in_features * m.out_features
-
-            handles.append(module.register_forward_hook(count))
-    n = image_tokens // 2
-    h = w = int(n**0.5) * 2
+def call_tiny(transformer, h: int, w: int) -> None:
+    """One call of a tiny transformer on an h × w latent (and a context image of the same size)."""
+    n = (h // 2) * (w // 2)
     ids = torch.cat([sampling.position_ids(h, w, 0), sampling.position_ids(h, w, 1)])
     with torch.inference_mode():
         transformer(
-            hidden_states=torch.randn(1, image_tokens, 64),
+            hidden_states=torch.randn(1, 2 * n, 64),
             encoder_hidden_states=torch.randn(1, 512, 32),
             pooled_projections=torch.randn(1, 32),
             timestep=torch.full((1,), 0.5),
@@ -38,16 +26,43 @@ def linear_flops_by_scope(transformer, image_tokens: int) -> dict[str, float]:
             guidance=torch.full((1,), 2.5),
             return_dict=False,
         )
-    for handle in handles:
-        handle.remove()
-    return totals
+
+
+def test_full_model_flops_per_call_at_one_megapixel():
+    # 1024² Kontext edit: 4096 noise + 4096 context tokens, 512 text tokens.
+    flops = floors.transformer_flops(floors.full_config(), image_tokens=8192, text_tokens=512)
+    assert flops.matmul == pytest.approx(112.4e12, rel=2e-3)
+    assert flops.attention == pytest.approx(53.06e12, rel=2e-3)
+    assert flops.total == pytest.approx(165.5e12, rel=2e-3)
+
+
+def test_flop_count_matches_torch_flop_counter_on_the_tiny_transformer():
+    transformer = build_pipeline().transformer
+    transformer.set_attention_backend("_native_math")  # attention as matmuls, which the counter sees
+    with FlopCounterMode(display=False) as counter:
+        call_tiny(transformer, 6, 8)
+    assert floors.transformer_flops(dict(transformer.config), 2 * 12, 512).total == counter.get_total_flops()
 
 
 def test_the_split_is_where_fp8_quantises():
+    """Each linear layer's FLOPs, added up by where fp8 would put it, against the count's split."""
     transformer = build_pipeline().transformer
-    image_tokens = 2 * 4 * 4
-    counted = linear_flops_by_scope(transformer, image_tokens)
-    flops = floors.transformer_flops(dict(transformer.config), image_tokens)
+    single = optimize.fp8_filter(Fp8Scope.SINGLE, min_features=1)
+    every = optimize.fp8_filter(Fp8Scope.ALL, min_features=1)
+    counted = {"single": 0.0, "double": 0.0, "other": 0.0}
+    handles = []
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            scope = "single" if single(module, name) else "double" if every(module, name) else "other"
+
+            def count(m, args, out, scope=scope):
+                counted[scope] += 2 * args[0].numel() * m.out_features
+
+            handles.append(module.register_forward_hook(count))
+    call_tiny(transformer, 8, 8)
+    for handle in handles:
+        handle.remove()
+    flops = floors.transformer_flops(dict(transformer.config), 2 * 16)
     assert (flops.single, flops.double, flops.other) == (counted["single"], counted["double"], counted["other"])
 
 
