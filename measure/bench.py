@@ -414,7 +414,7 @@ class Run:
     def floor(self, case: Case, calls: int, fp8_scope: str | None = None) -> float:
         """Seconds of `calls` transformer calls of `case` at the rates measured in this run."""
         rates = floors.rates_from(self.micro, floors.image_tokens(case.size) + sampling.TEXT_TOKENS)
-        return calls * floors.call_floor(case.flops, rates, fp8_scope)
+        return calls * floors.call_floor(case.flops, floors.for_setting(rates, fp8_scope), fp8_scope)
 
     def _error(self, stage: str, error: BaseException, **fields) -> None:
         """An error row, and the traceback in the log: the run goes on with what it can still measure."""

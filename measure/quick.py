@@ -207,6 +207,7 @@ class Quick:
         self.transformer = components.transformer
         self.editor = KontextEditor(components)
         self.tconfig = dict(self.transformer.config)
+        # Until the microbenchmarks have measured this machine: the assumed H100 rates, or a CPU's rough ones.
         rates = floors.ASSUMED_H100 if self.device.type == "cuda" else floors.Rates(gemm=1e11, sdpa=1e11)
         self.predictor = Predictor(self.tconfig, self.args.steps, rates)
         self.micro: list[dict] = []
@@ -275,16 +276,20 @@ class Quick:
     def _case(self, size) -> bench.Case:
         return bench.Case(size, self.args.steps, floors.transformer_flops(self.tconfig, floors.image_tokens(size)))
 
-    def _floor(self, case: bench.Case, calls: int, fp8: str | None = None) -> float:
-        if not self.micro:
-            raise RuntimeError("no microbenchmarks, no floor")
-        rates = floors.rates_from(self.micro, floors.image_tokens(case.size) + sampling.TEXT_TOKENS)
-        return calls * floors.call_floor(case.flops, rates, fp8)
+    def _floor(self, case: bench.Case, calls: int, fp8: str | None = None) -> dict:
+        """The floor of `calls` calls of `case` at the rates measured in this run; at assumed ones, saying so,
+        where the microbenchmarks failed."""
+        if self.micro:
+            rates = floors.rates_from(self.micro, floors.image_tokens(case.size) + sampling.TEXT_TOKENS)
+        else:
+            rates = self.predictor.rates
+        rates = floors.for_setting(rates, fp8)
+        return {"floor_s": calls * floors.call_floor(case.flops, rates, fp8), "floor_rates": rates.source}
 
     def _edit(self, item: Item, size, fields: dict) -> None:
         case, fp8 = self._case(size), self.config.fp8 and self.config.fp8.value
         r = bench.bench_ours(self.editor, item.level, size, self.args.steps, item.repeats, item.probe, untimed=False)
-        r["floor_s"] = self._floor(case, r["transformer_calls"], fp8)
+        r.update(self._floor(case, r["transformer_calls"], fp8))
         r["ratio_to_floor"] = r["seconds"]["total"] / r["floor_s"]
         r["denoise_ratio_to_floor"] = r["seconds"]["denoise"] / r["floor_s"]
         if self.baseline is not None and self.baseline["size"] == list(size):
@@ -296,7 +301,7 @@ class Quick:
         case = self._case(size)
         components = dataclasses.replace(self.editor.components, transformer=self.transformer)
         base = bench.bench_baseline(components, size, self.args.steps, item.repeats, untimed=False)
-        base["floor_s"] = self._floor(case, base["transformer_calls"])
+        base.update(self._floor(case, base["transformer_calls"]))
         base["ratio_to_floor"] = base["seconds"]["total"] / base["floor_s"]
         fields = fields | {"accelerations": "diffusers eager"}
         self.baseline = self.writer.write("baseline", **case.fields(), **fields, level="none", **base)

@@ -99,3 +99,10 @@ def test_rates_come_from_the_best_backend_measured_at_the_size():
     ]
     assert floors.rates_from(rows, 8704) == floors.Rates(gemm=7.0, sdpa=5.0)
     assert floors.rates_from(rows, 2560).sdpa == 6.0  # not measured there: the best anywhere
+
+
+def test_an_fp8_floor_without_a_measured_fp8_rate_says_it_assumed_one():
+    measured = floors.Rates(gemm=7.0, sdpa=5.0)
+    assert floors.for_setting(measured, None) is measured
+    fp8 = floors.for_setting(measured, "all")
+    assert fp8.fp8_gemm == floors.ASSUMED_H100.fp8_gemm and "fp8 GEMM assumed" in fp8.source
