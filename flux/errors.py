@@ -22,3 +22,14 @@ class UnsafeOutputError(RuntimeError):
             "the edited image was flagged as NSFW by the safety checker and is not returned; "
             "try again with a different prompt or seed"
         )
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The denoised latents hold NaN or infinite values (on a GPU, usually an overflow in half precision): the
+    image would decode to black or noise, so none is returned."""
+
+    def __init__(self, bad: int, total: int) -> None:
+        super().__init__(
+            f"the edit produced {bad} non-finite latent values (NaN or infinity) of {total}: no image is returned "
+            "(it would be black); try another seed or prompt"
+        )

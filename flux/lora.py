@@ -6,10 +6,14 @@ its own; peft injects the LoRA layers and merges them into the base weights (`fu
 then removed again (`unload_lora`), which leaves the plain modules with the merged weights. The transformer
 keeps its structure, so a compiled transformer runs the LoRA request without recompiling.
 
-Afterwards each touched weight gets its original values back from a copy kept on the CPU. Subtracting the
-LoRA again (`unfuse_lora`) would not give the same bits (bfloat16 rounding), and the next request must give
-exactly the image of a server that never saw the LoRA. The copies are made the first time a layer is touched
-and kept: the base weights never change, so later LoRA requests pay only the copy back.
+Afterwards each touched weight gets its original values back from a copy. Subtracting the LoRA again
+(`unfuse_lora`) would not give the same bits (bfloat16 rounding), and the next request must give exactly the
+image of a server that never saw the LoRA. The copies are made the first time a layer is touched and kept: the
+base weights never change, so later LoRA requests pay only the copy back. On a GPU a copy stays on the GPU while
+GPU_HEADROOM_BYTES stay free beside it (a device-to-device copy back: milliseconds for every layer), else it goes
+to pinned host memory, from which the copies back are queued without waiting (a LoRA over every linear layer of
+FLUX.1 touches ~24 GB: ~2 s over PCIe from pinned memory, several times that from pageable memory, which also
+blocks the host). On the CPU it is a plain copy.
 """
 
 from __future__ import annotations
@@ -45,12 +49,31 @@ class LoraRequest:
     strength: float = 1.0
 
 
+GPU_HEADROOM_BYTES = 16 * 2**30
+"""Free GPU memory an original weight's copy must leave beside it to stay on the GPU: a 2 MP edit's tensors
+peak about 3 GiB above the weights (BENCHMARKS.md, the fake-CUDA estimate), and compile, the allocator's cache
+and the libraries' workspaces want more."""
+
+
+def keeps_on_gpu(nbytes: int, free_bytes: int, headroom: int = GPU_HEADROOM_BYTES) -> bool:
+    """Whether a copy of `nbytes` may stay on a GPU with `free_bytes` free: when `headroom` stays free after it."""
+    return free_bytes - nbytes >= headroom
+
+
+def _free_bytes(device: torch.device) -> int:
+    """What the GPU could still give: free on the device, plus what torch's allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 class LoraSlot:
     """Applies one LoRA at a time to a transformer and restores the exact original weights afterwards."""
 
-    def __init__(self, transformer: torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module, gpu_headroom: int = GPU_HEADROOM_BYTES):
         self.transformer = transformer
-        self._originals: dict[str, torch.Tensor] = {}  # module name -> its original weight, on the CPU
+        self.gpu_headroom = gpu_headroom
+        # module name -> its original weight: on the GPU, in pinned host memory, or on the CPU (see the module)
+        self._originals: dict[str, torch.Tensor] = {}
 
     def check_supported(self) -> None:
         """Refuse the accelerations a LoRA cannot be fused into."""
@@ -86,7 +109,15 @@ class LoraSlot:
         modules = dict(self.transformer.named_modules())
         for name in targets:
             if name not in self._originals:
-                self._originals[name] = modules[name].weight.detach().to("cpu", copy=True)
+                self._originals[name] = self._copy(modules[name].weight.detach())
+
+    def _copy(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.device.type != "cuda":
+            return weight.to("cpu", copy=True)
+        if keeps_on_gpu(weight.nbytes, _free_bytes(weight.device), self.gpu_headroom):
+            return weight.clone()
+        pinned = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+        return pinned.copy_(weight)  # waits for the copy: the weight is about to change
 
     def _restore(self, targets: list[str]) -> None:
         if hasattr(self.transformer, "peft_config") or _has_lora_layers(self.transformer):
@@ -96,7 +127,8 @@ class LoraSlot:
         modules = dict(self.transformer.named_modules())
         with torch.no_grad():
             for name in targets:
-                modules[name].weight.copy_(self._originals[name])
+                # From the GPU or pinned memory: queued on the stream, before any later use of the weight.
+                modules[name].weight.copy_(self._originals[name], non_blocking=True)
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:

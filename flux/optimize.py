@@ -21,18 +21,21 @@ import json
 import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from flux import images, sampling
+from flux import clock, sampling
 
 logger = logging.getLogger(__name__)
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""Compile modes that record CUDA graphs: one per input shape, replayed into the same output buffers."""
+PER_SHAPE_ATTENTION = ("_native_cudnn",)
+"""Attention backends that build an execution plan per sequence length (cuDNN's), the first call of each."""
 FP8_MIN_FEATURES = 1024
 """Linear layers narrower than this (in or out) stay in bf16: quantising their activations costs more
 than the smaller matmul saves. Only a small test model needs a lower value (apply()'s argument)."""
@@ -85,6 +88,14 @@ class AccelerationConfig:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES[1:]}, got {self.compile_mode!r}")
         if self.compile_mode is not None and self.compile is None:
             raise ValueError("a compile mode needs compile on (compile or regional)")
+        if self.compile is CompileScope.REGIONAL and self.compile_mode in CUDA_GRAPH_MODES:
+            # Each block's graph would record a CUDA graph per token count and replay it into the same buffers,
+            # overwriting the output the next block (or the next step's TaylorSeer state) still reads.
+            raise ValueError(
+                f"compile mode {self.compile_mode!r} records CUDA graphs, which regional compile with dynamic shapes "
+                "would re-record for every token count in every block; use it with compile (the whole model), or "
+                "regional with mode=max-autotune-no-cudagraphs"
+            )
 
     @classmethod
     def default_for(cls, device: str | torch.device) -> AccelerationConfig:
@@ -121,9 +132,19 @@ class AccelerationConfig:
         parts += [f"{name}={getattr(self, field)}" for name, field in _VALUES.items() if getattr(self, field)]
         return "+".join(parts) or "off"
 
+    def plans_per_shape(self) -> bool:
+        """Whether something prepares work per token count at its first call (CUDA graphs, cuDNN attention
+        plans): then warm-up runs every served shape, not only what compilation needs."""
+        return self.compile_mode in CUDA_GRAPH_MODES or self.attention in PER_SHAPE_ATTENTION
+
     def validate(self, device: str | torch.device) -> None:
-        """Raise ValueError for a setting that cannot work on `device`, before anything is changed."""
+        """Raise ValueError for a setting that cannot work on `device`, before anything is changed: this is
+        where an attention backend is tried (a small call on `device`), not after fusion has changed the model."""
         device = torch.device(device)
+        if self.fp8 and not self.compile:
+            # Unfused, torchao's fp8 linear layers quantise each activation in a kernel of its own: usually
+            # slower than bf16. fp8 measured without compile (measure.fidelity on the CPU) quantises directly.
+            raise ValueError("fp8 needs compile on (fp8+regional or fp8+compile): without it fp8 is slower than bf16")
         if self.fp8 and device.type != "cuda":
             raise ValueError(f"fp8 needs a CUDA GPU with compute capability 8.9 or newer; the model is on {device}")
         if self.fp8 and (capability := torch.cuda.get_device_capability(device)) < (8, 9):
@@ -134,6 +155,24 @@ class AccelerationConfig:
             names = sorted(b.value for b in AttentionBackendName)
             if self.attention not in names:
                 raise ValueError(f"unknown attention backend {self.attention!r}; diffusers offers {names}")
+            check_attention_backend(self.attention, device)
+
+
+ATTENTION_PROBE_HEAD_DIM = 128  # FLUX.1's
+
+
+def check_attention_backend(name: str, device: torch.device) -> None:
+    """Raise ValueError unless diffusers' attention backend `name` runs here: its package is installed and a
+    small call (the served dtype, FLUX.1's head size) works on `device`."""
+    from diffusers.models.attention_dispatch import attention_backend, dispatch_attention_fn
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(1, 16, 2, ATTENTION_PROBE_HEAD_DIM, device=device, dtype=dtype)  # (B, S, heads, head dim)
+    try:
+        with attention_backend(name), torch.inference_mode():
+            dispatch_attention_fn(q, q, q)
+    except Exception as e:  # a missing package (RuntimeError), no kernel for this device or dtype, ...
+        raise ValueError(f"attention backend {name!r} cannot run on {device} ({dtype}): {e}") from e
 
 
 # The spec's vocabulary, in the order describe() writes it: switches set fields, NAME=VALUE tokens set one.
@@ -228,6 +267,8 @@ def fp8_filter(scope: Fp8Scope, min_features: int = FP8_MIN_FEATURES):
     def keep(module: torch.nn.Module, name: str) -> bool:
         if not isinstance(module, torch.nn.Linear) or not name.startswith(prefixes):
             return False
+        if type(module.weight.data) is not torch.Tensor:  # quantised already (fp8-all after fp8, in place)
+            return False
         if ".norm" in name:  # the adaptive norms' modulation: one row per image, nothing to gain
             return False
         # fp8 matmuls need dimensions that are multiples of 16.
@@ -271,48 +312,60 @@ def quantize_fp8(
 
 @dataclass(frozen=True)
 class Shape:
-    """One served transformer shape: output (noise) and context image sizes, in pixels."""
+    """One served transformer shape: output (noise) and context image sizes, in pixels; several reference
+    images in `separate` mode add more context images, each its own plane of tokens."""
 
     width: int
     height: int
     context_width: int
     context_height: int
+    more_contexts: tuple[tuple[int, int], ...] = ()  # (width, height) of each further context image
+
+    def contexts(self) -> list[tuple[int, int]]:
+        return [(self.context_width, self.context_height), *self.more_contexts]
 
     def tokens(self) -> tuple[int, int]:
         """(noise tokens, context tokens): one token per 16×16 pixels (8× VAE, 2×2 packing)."""
-        return (self.width // 16) * (self.height // 16), (self.context_width // 16) * (self.context_height // 16)
+        return (self.width // 16) * (self.height // 16), sum((w // 16) * (h // 16) for w, h in self.contexts())
 
 
-def served_shapes() -> list[Shape]:
-    """Every shape the server runs for inputs of the served aspect ratios: match_input_image at each
-    preferred Kontext resolution, and each fixed aspect ratio with an input of that aspect ratio."""
-    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+COMMON_SHAPE = Shape(1024, 1024, 1024, 1024)
+"""The most common served shape: a square input at one megapixel, match_input_image."""
 
-    shapes = {Shape(w, h, w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS}
-    for w, h in images.ASPECT_RATIO_SIZES.values():
-        shapes.add(Shape(w, h, *images.kontext_size(w, h)))
-    return sorted(shapes, key=lambda s: (s.tokens(), s.width))
+
+def warm_up_shapes(config: AccelerationConfig, served: list[Shape]) -> list[Shape]:
+    """The shapes `config` needs warmed up before the first request, from the `served` ones.
+
+    - Something plans per token count (CUDA graphs, cuDNN attention): every served token count once (the
+      transformer sees [noise | context] tokens as one sequence, so shapes with the same total are one).
+    - Compile with dynamic shapes and nothing else: one call compiles the graph that serves every size (the
+      first served shape: the most common one). tests/test_optimize.py checks that other aspect ratios, 0.25 MP
+      drafts and several reference images then compile nothing more.
+    - Neither: nothing.
+    """
+    if config.plans_per_shape():
+        seen: set[int] = set()
+        return [s for s in served if sum(s.tokens()) not in seen and not seen.add(sum(s.tokens()))]
+    return served[:1] if config.compile else []
 
 
 @torch.inference_mode()
 def warm_up(transformer: torch.nn.Module, shapes: list[Shape], text_tokens: int = sampling.TEXT_TOKENS) -> float:
     """One transformer call per shape (random inputs), so compilation happens here and not in the
     first requests. Returns the seconds taken."""
-    t0 = time.perf_counter()
     cfg = transformer.config
     device, dtype = transformer.device, transformer.dtype
+    t0 = clock.now(device)
     channels = cfg.in_channels // 4
     generator = torch.Generator("cpu").manual_seed(0)
     for shape in shapes:
-        context = torch.randn(1, channels, shape.context_height // 8, shape.context_width // 8, generator=generator)
+        contexts = [torch.randn(1, channels, h // 8, w // 8, generator=generator) for w, h in shape.contexts()]
         txt = torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=generator)
         vec = torch.randn(1, cfg.pooled_projection_dim, generator=generator)
-        context, txt, vec = (x.to(device, dtype) for x in (context, txt, vec))
-        inputs = sampling.kontext_inputs(context, txt, vec, shape.height // 8, shape.width // 8, seed=0)
+        contexts, txt, vec = [x.to(device, dtype) for x in contexts], txt.to(device, dtype), vec.to(device, dtype)
+        inputs = sampling.kontext_inputs(contexts, txt, vec, shape.height // 8, shape.width // 8, seed=0)
         sampling.velocity(transformer, inputs, inputs.noise, 1.0, sampling.DEFAULT_GUIDANCE)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+    seconds = clock.now(device) - t0
     logger.info("warmed up %d shapes in %.1f s", len(shapes), seconds)
     return seconds
 
@@ -390,24 +443,27 @@ def optimize(
     shapes: list[Shape] | None = None,
     **apply_options,
 ) -> dict[str, float]:
-    """Everything serving needs: load compile artifacts from `cache_dir`, apply the accelerations, warm up
-    `shapes` (served_shapes() by default) when compiling, save the artifacts there. Returns seconds per
-    part. `apply_options` go to apply()."""
+    """Everything serving needs: load compile artifacts from `cache_dir`, apply the accelerations, warm up what
+    they need of the served `shapes` (warm_up_shapes(); None: COMMON_SHAPE only; the server passes
+    flux.pipeline.served_shapes()), save the artifacts there. Returns seconds per part, each timed once the GPU
+    has finished it. `apply_options` go to apply()."""
     seconds: dict[str, float] = {}
-    config = resolve(accelerations, transformer.device)
+    device = transformer.device
+    config = resolve(accelerations, device)
     path = None
     if config.compile and cache_dir is not None:
         path = artifact_path(cache_dir, transformer, config, apply_options.get("compile_backend", "inductor"))
-        t0 = time.perf_counter()
+        t0 = clock.now(device)
         load_artifacts(path)
-        seconds["load_artifacts"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        seconds["load_artifacts"] = clock.now(device) - t0
+    t0 = clock.now(device)
     apply(transformer, config, **apply_options)
-    seconds["apply"] = time.perf_counter() - t0
-    if config.compile:
-        seconds["warm_up"] = warm_up(transformer, served_shapes() if shapes is None else shapes)
+    seconds["apply"] = clock.now(device) - t0  # QKV fusion and fp8 quantisation run on the GPU
+    warm = warm_up_shapes(config, [COMMON_SHAPE] if shapes is None else shapes)
+    if warm:
+        seconds["warm_up"] = warm_up(transformer, warm)
     if path is not None:
-        t0 = time.perf_counter()
+        t0 = clock.now(device)
         save_artifacts(path)
-        seconds["save_artifacts"] = time.perf_counter() - t0
+        seconds["save_artifacts"] = clock.now(device) - t0
     return seconds

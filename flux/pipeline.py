@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import itertools
 import logging
 import math
 import secrets
@@ -15,10 +16,10 @@ import PIL.Image
 import torch
 
 from flux import clock, images, sampling
-from flux.errors import InvalidInputError
+from flux.errors import InvalidInputError, NonFiniteOutputError
 from flux.lora import MAX_LORA_STRENGTH, MIN_LORA_STRENGTH, LoraRequest, LoraSlot
 from flux.model import FluxComponents, load_components
-from flux.optimize import Accelerations, optimize
+from flux.optimize import Accelerations, Shape, optimize
 from flux.taylor_seer_utils import (
     MAX_ORDER,
     SCHEDULE_NAMES,
@@ -143,6 +144,40 @@ class EditResult:
     context_tokens: int = 0  # packed tokens of the reference image(s)
 
 
+def served_shapes() -> list[Shape]:
+    """The transformer shapes the server runs for representative inputs, the most common first: at each
+    megapixels setting, match_input_image at every preferred Kontext resolution, each fixed aspect ratio with
+    an input of that aspect ratio, and 2 to 1 + MAX_EXTRA_IMAGES reference images of one preferred resolution
+    each, stitched and separate (other mixes of aspect ratios give other sizes: they are planned, or compiled
+    for, at their first request when a backend works per shape)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    def shape(request: EditRequest) -> Shape:
+        contexts = [size for _, size in request.context_images()]
+        output = images.output_size(request.aspect_ratio, *request.image.size, request.megapixels)
+        return Shape(*output, *contexts[0], more_contexts=tuple(contexts[1:]))
+
+    def blank(width: int, height: int) -> PIL.Image.Image:  # only the aspect ratio matters
+        return PIL.Image.new("RGB", (max(1, width // 16), max(1, height // 16)))
+
+    resolutions = sorted(PREFERRED_KONTEXT_RESOLUTIONS, key=lambda wh: wh != (1024, 1024))
+    shapes: list[Shape] = []
+    for megapixels in images.MEGAPIXELS:
+        requests = [EditRequest("", blank(w, h), megapixels=megapixels) for w, h in resolutions]
+        requests += [
+            EditRequest("", blank(*size), aspect_ratio=ratio, megapixels=megapixels)
+            for ratio, size in images.ASPECT_RATIO_SIZES.items()
+        ]
+        for (w, h), extra, mode in itertools.product(resolutions, range(1, MAX_EXTRA_IMAGES + 1), MultiImageMode):
+            image = blank(w, h)
+            several = dict(extra_images=(image,) * extra, multi_image_mode=mode, megapixels=megapixels)
+            requests.append(EditRequest("", image, **several))
+        for request in requests:
+            if (s := shape(request)) not in shapes:
+                shapes.append(s)
+    return shapes
+
+
 class KontextEditor:
     """FLUX.1 Kontext [dev] editing with TaylorSeer step caching."""
 
@@ -163,7 +198,7 @@ class KontextEditor:
         """Load from a diffusers-layout directory; bf16 on a GPU, float32 on the CPU by default.
 
         `accelerations` (default: none; "default" for the device's defaults) are applied to the
-        transformer by flux.optimize.optimize(), which also warms up the served shapes when compiling
+        transformer by flux.optimize.optimize(), which also warms up what they need of the served shapes
         and keeps the compiled artifacts in `compile_cache`.
         """
         if device is None:
@@ -172,7 +207,7 @@ class KontextEditor:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         editor = cls(load_components(directory, device, dtype))
         if accelerations is not None:
-            optimize(editor.components.transformer, accelerations, compile_cache)
+            optimize(editor.components.transformer, accelerations, compile_cache, served_shapes())
         return editor
 
     def _now(self) -> float:
@@ -266,6 +301,10 @@ class KontextEditor:
             )
             seconds["denoise"] = self._now() - t0
         seconds.update(lora_seconds)
+        # One read back to the host after the loop (the clock above has waited for the GPU already): NaN or
+        # infinite latents would decode to a black picture that looks like a result.
+        if not torch.isfinite(tokens).all():
+            raise NonFiniteOutputError(int((~torch.isfinite(tokens)).sum()), tokens.numel())
         latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
 
         t0 = self._now()

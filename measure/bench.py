@@ -10,9 +10,11 @@ the context image and the output have the same size, so a 1024×1024 edit has 40
 512 text tokens.
 
 For each acceleration setting × size × steps × level it reports seconds per phase (text, image, denoise,
-decode) and end to end (median of --repeats), transformer calls, peak memory, compiles during the timed runs,
-the cost of a skipped step relative to a computed one, and ratios to the baseline and to the floor. The floor
-is transformer calls × FLOPs per call (from the config and token counts) / the matmul rate measured in this run.
+decode) and end to end (median of --repeats), transformer calls, peak memory (allocated and reserved since the
+setting was applied, quantisation and compilation included, and the process's since it started), compiles
+during the timed runs, the cost of a skipped step relative to a computed one, and ratios to the baseline and to
+the floor. The floor is transformer calls × the floor of a call (measure.floors: matmul FLOPs at the GEMM rate,
+bf16 or fp8 as the setting runs them, plus attention FLOPs at the best SDPA rate, each measured in this run).
 
 Each result is a JSON line written as soon as it is measured (measure.records), so a run stopped at a time
 limit keeps what it finished; --budget makes it start nothing new after that many seconds. A setting that
@@ -32,7 +34,6 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,87 +41,17 @@ import PIL.Image
 import torch
 from torch._dynamo.utils import counters
 
-from flux import optimize, sampling
+from flux import clock, optimize, sampling
 from flux.model import FluxComponents
 from flux.optimize import AccelerationConfig, Shape
-from flux.pipeline import EditRequest, KontextEditor
+from flux.pipeline import EditRequest, KontextEditor, served_shapes
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
 from flux.tiny import FULL, TINY, build_pipeline
-from measure import bench_table, records
+from measure import bench_table, floors, records
 from measure.records import Budget, RowWriter, environment
 
 PROMPT = "make the car red"
 SEED = 0
-
-MLP_RATIO = 4  # FluxTransformerBlock / FluxSingleTransformerBlock hard-code a 4× MLP
-TIMESTEP_CHANNELS = 256  # sinusoidal timestep / guidance projections
-
-
-# ---- the floor ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Flops:
-    """FLOPs of one transformer call: matmuls of the linear layers, and attention (QKᵀ and PV)."""
-
-    matmul: float
-    attention: float
-
-    @property
-    def total(self) -> float:
-        return self.matmul + self.attention
-
-
-def transformer_flops(config: Mapping, image_tokens: int, text_tokens: int = sampling.TEXT_TOKENS) -> Flops:
-    """FLOPs of one call of a FluxTransformer2DModel with `config`, batch 1.
-
-    Counting: a (m × k) @ (k × n) matmul is 2·m·k·n FLOPs. D = heads × head dim, S = image + text tokens.
-    - Each double-stream block runs, for the image and the text tokens (their own weights, same sizes):
-      QKV (3·D²), attention output (D²) and a 4× MLP (8·D²) → 24·D² FLOPs per token; plus the modulation
-      of two adaptive norms (D → 6D) on one vector each.
-    - Each single-stream block, on all S tokens: QKV (3·D²), MLP in (4·D²), output of [attn | mlp]
-      (5·D·D) → 24·D² per token; plus one modulation (D → 3D).
-    - Attention per block: QKᵀ and PV over all heads, 2·S²·D each → 4·S²·D (no mask, no causal saving).
-    - Embedders and the output layer: x (in_channels → D) per image token, context (joint dim → D) per text
-      token, timestep / guidance / pooled-text MLPs and the output norm's modulation on one vector each, the
-      output projection (D → in_channels) per image token.
-    Norms, RoPE, activations and the residual adds are not matmuls and are left out (memory-bound, small).
-    For FLUX.1 Kontext at 1024² (4096 + 4096 image tokens, 512 text tokens): ~112.4 TFLOP of matmuls and
-    ~53.1 TFLOP of attention, ~165.5 TFLOP per call.
-    """
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    s = image_tokens + text_tokens
-    mlp = MLP_RATIO * d
-    double = 2 * s * (3 * d * d + d * d + 2 * d * mlp) + 2 * 2 * d * 6 * d
-    single = 2 * s * (3 * d * d + d * mlp + (d + mlp) * d) + 2 * d * 3 * d
-    in_ch, joint, pooled = config["in_channels"], config["joint_attention_dim"], config["pooled_projection_dim"]
-    vectors = 2 * (TIMESTEP_CHANNELS * d + d * d) * (2 if config.get("guidance_embeds") else 1)
-    vectors += 2 * (pooled * d + d * d) + 2 * d * 2 * d
-    embed = 2 * image_tokens * in_ch * d + 2 * text_tokens * joint * d + 2 * image_tokens * d * in_ch + vectors
-    blocks = config["num_layers"] + config["num_single_layers"]
-    matmul = config["num_layers"] * double + config["num_single_layers"] * single + embed
-    return Flops(matmul=float(matmul), attention=float(blocks * 4 * s * s * d))
-
-
-def measure_matmul_rate(device: torch.device, dtype: torch.dtype) -> dict:
-    """FLOP/s of a matmul shaped like the transformer's MLP at 1 MP (8704 tokens, 3072 → 12288) on a GPU,
-    or a 1024³ float32 matmul on the CPU. Best of several runs after a warm-up."""
-    m, k, n = (8704, 3072, 12288) if device.type == "cuda" else (1024, 1024, 1024)
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
-    runs, per_run = (10, 10) if device.type == "cuda" else (5, 1)  # several matmuls per sync on a GPU
-    for _ in range(3):
-        a @ b
-    best = math.inf
-    for _ in range(runs):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(per_run):
-            a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - t0) / per_run)
-    return {"shape": [m, k, n], "dtype": str(dtype), "flops_per_s": 2 * m * k * n / best}
-
 
 # ---- models -------------------------------------------------------------------------------------------
 
@@ -182,19 +113,35 @@ class TransformerSource:
 # ---- measuring ----------------------------------------------------------------------------------------
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+_process_peaks = {"allocated": 0, "reserved": 0}  # CUDA peaks of the spans before the current one
 
 
-def _reset_peak(device: torch.device) -> None:
+def mark_memory(device: torch.device) -> None:
+    """Start a new span of peak memory (before a setting is applied, so that quantisation, compilation and
+    warm-up count); the process's peaks since it started are kept."""
     if device.type == "cuda":
+        _fold_peaks(device)
+        torch.cuda.empty_cache()  # the allocator's cache of the previous span is not this span's
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak_memory(device: torch.device) -> dict:
+def _fold_peaks(device: torch.device) -> None:
+    _process_peaks["allocated"] = max(_process_peaks["allocated"], torch.cuda.max_memory_allocated(device))
+    _process_peaks["reserved"] = max(_process_peaks["reserved"], torch.cuda.max_memory_reserved(device))
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak GPU memory since the last mark_memory(), allocated (tensors) and reserved (what the caching
+    allocator took from the GPU), and the process's peaks since it started; on the CPU, the peak RSS."""
     if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda allocated"}
+        _fold_peaks(device)
+        return {
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "process_peak_allocated_bytes": _process_peaks["allocated"],
+            "process_peak_reserved_bytes": _process_peaks["reserved"],
+            "peak_memory_kind": "cuda, since the setting was applied",
+        }
     # ru_maxrss is the process's peak resident set (KiB on Linux) since it started: an upper bound.
     return {
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -220,13 +167,18 @@ def sample_image(width: int, height: int) -> PIL.Image.Image:
     return PIL.Image.fromarray(rgb)
 
 
+def request(level: AccelerationLevel, size: tuple[int, int], steps: int) -> EditRequest:
+    """The benchmark's edit: its prompt, a gradient image of `size`, seed 0."""
+    return EditRequest(PROMPT, sample_image(*size), num_inference_steps=steps, seed=SEED, acceleration=level)
+
+
 def step_costs(editor: KontextEditor, request: EditRequest, size: tuple[int, int]) -> dict:
     """Median seconds of a computed and of a skipped denoising step, from one extra edit timed step by step."""
     device = editor.components.device
     marks: list[tuple[float, bool]] = []
 
     def on_step(step: sampling.Step) -> None:
-        sync(device)
+        floors.sync(device)
         marks.append((time.perf_counter(), step.computed))
 
     editor.edit_at_size(request, size, size, on_step)
@@ -247,20 +199,22 @@ def bench_ours(
     steps: int,
     repeats: int,
     step_probe: bool = True,
+    untimed: bool = True,
 ) -> dict:
-    """One untimed edit, then the median of `repeats` timed ones; with `step_probe`, one more edit timed
-    step by step when the level skips steps (at `none` there is no skipped step to compare)."""
+    """With `untimed`, one untimed edit (first-run allocations, lazy initialisation); then the median of
+    `repeats` timed ones; with `step_probe`, one more edit timed step by step when the level skips steps (at
+    `none` there is no skipped step to compare)."""
     device = editor.components.device
-    request = EditRequest(PROMPT, sample_image(*size), num_inference_steps=steps, seed=SEED, acceleration=level)
-    editor.edit_at_size(request, size, size)  # untimed: first-run allocations, lazy initialisation
+    edit = request(level, size, steps)
+    if untimed:
+        editor.edit_at_size(edit, size, size)
     graphs = graphs_compiled()
-    _reset_peak(device)
     runs = []
     for _ in range(repeats):
-        sync(device)
+        floors.sync(device)
         t0 = time.perf_counter()
-        result = editor.edit_at_size(request, size, size)
-        sync(device)
+        result = editor.edit_at_size(edit, size, size)
+        floors.sync(device)
         runs.append((time.perf_counter() - t0, result))
     total, result = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     step_map = generate_compute_step_map(level, steps)
@@ -270,16 +224,19 @@ def bench_ours(
         "all_totals": sorted(r[0] for r in runs),
         "transformer_calls": result.transformer_calls,
         "expected_calls": sum(step_map),
-        **_peak_memory(device),
+        **peak_memory(device),
         "recompiles": graphs_compiled() - graphs,
     }
     if step_probe and not all(step_map):
-        out.update(step_costs(editor, request, size))
+        out.update(step_costs(editor, edit, size))
     return out
 
 
-def bench_baseline(components: FluxComponents, size: tuple[int, int], steps: int, repeats: int) -> dict:
-    """diffusers' FluxKontextPipeline, eager, on the same weights; the context image is given at `size`."""
+def bench_baseline(
+    components: FluxComponents, size: tuple[int, int], steps: int, repeats: int, untimed: bool = True
+) -> dict:
+    """diffusers' FluxKontextPipeline, eager, on the same weights; the context image is given at `size`. With
+    `untimed`, one untimed run first (without it, run it after ours on the same weights, so nothing is cold)."""
     c = components
     pipe = c.diffusers_pipeline()
     calls = 0
@@ -301,16 +258,17 @@ def bench_baseline(components: FluxComponents, size: tuple[int, int], steps: int
         _auto_resize=False,
     )
     device = c.device
+    mark_memory(device)
     try:
-        pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(SEED))  # untimed warm-up
-        _reset_peak(device)
+        if untimed:
+            pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(SEED))
         times = []
         for _ in range(repeats):
             calls = 0
-            sync(device)
+            floors.sync(device)
             t0 = time.perf_counter()
             pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(SEED))
-            sync(device)
+            floors.sync(device)
             times.append(time.perf_counter() - t0)
     finally:
         hook.remove()
@@ -318,7 +276,7 @@ def bench_baseline(components: FluxComponents, size: tuple[int, int], steps: int
         "seconds": {"total": statistics.median(times)},
         "all_totals": sorted(times),
         "transformer_calls": calls,
-        **_peak_memory(device),
+        **peak_memory(device),
     }
 
 
@@ -345,7 +303,7 @@ class Case:
 
     size: tuple[int, int]
     steps: int
-    flops: Flops
+    flops: floors.Flops
 
     def __str__(self) -> str:
         return f"{self.size[0]}x{self.size[1]}, {self.steps} steps"
@@ -356,7 +314,7 @@ class Case:
             "size": list(self.size),
             "steps": self.steps,
             "tokens": {"noise": n, "context": n, "text": sampling.TEXT_TOKENS},
-            "flops_per_call": dataclasses.asdict(self.flops) | {"total": self.flops.total},
+            "flops_per_call": self.flops.fields(),
         }
 
 
@@ -418,34 +376,45 @@ class Run:
         )
 
     def _build(self) -> None:
-        t0 = time.perf_counter()
+        t0 = clock.now(self.device)
         try:
             components = build_components(self.args.config, self.device)
         except Exception as e:
             self._error("build", e)
             raise
-        build_s = time.perf_counter() - t0
+        build_s = clock.now(self.device) - t0  # random initialisation runs on the GPU
         tconfig = dict(components.transformer.config)
-        matmul = measure_matmul_rate(self.device, components.dtype)
-        self.rate = matmul["flops_per_s"]
+        self.cases = [
+            Case(size, steps, floors.transformer_flops(tconfig, floors.image_tokens(size)))
+            for size in self.sizes
+            for steps in self.steps
+        ]
+        fp8 = any("fp8" in spec for spec in self.specs) and self.device.type == "cuda"
+        sequences = [floors.image_tokens(c.size) + sampling.TEXT_TOKENS for c in self.cases]
+        heads, head_dim = tconfig["num_attention_heads"], tconfig["attention_head_dim"]
+        self.micro = floors.measure_rates(self.device, components.dtype, sequences, heads, head_dim, fp8)
         self.writer.write(
             "build",
             build_s=build_s,
             dtype=str(components.dtype),
-            matmul=matmul,
+            micro=self.micro,
             parameters={
                 name: sum(p.numel() for p in getattr(components, name).parameters())
                 for name in ("transformer", "text_encoder_2", "text_encoder", "vae")
             },
         )
-        log(f"built the {self.args.config} model in {build_s:.1f} s; matmul {self.rate / 1e12:.3g} TFLOP/s")
+        rates = floors.rates_from(self.micro)
+        log(
+            f"built the {self.args.config} model in {build_s:.1f} s; GEMM {rates.gemm / 1e12:.3g} TFLOP/s, "
+            f"best SDPA {rates.sdpa / 1e12:.3g} TFLOP/s"
+        )
         self.source = TransformerSource(components.transformer)
         self.components = dataclasses.replace(components, transformer=None)  # each use takes it from `source`
-        self.cases = [
-            Case(size, steps, transformer_flops(tconfig, image_tokens=2 * (size[0] // 16) * (size[1] // 16)))
-            for size in self.sizes
-            for steps in self.steps
-        ]
+
+    def floor(self, case: Case, calls: int, fp8_scope: str | None = None) -> float:
+        """Seconds of `calls` transformer calls of `case` at the rates measured in this run."""
+        rates = floors.rates_from(self.micro, floors.image_tokens(case.size) + sampling.TEXT_TOKENS)
+        return calls * floors.call_floor(case.flops, floors.for_setting(rates, fp8_scope), fp8_scope)
 
     def _error(self, stage: str, error: BaseException, **fields) -> None:
         """An error row, and the traceback in the log: the run goes on with what it can still measure."""
@@ -469,7 +438,7 @@ class Run:
         finally:
             components = None
             free_memory(self.device)
-        base["floor_s"] = base["transformer_calls"] * case.flops.total / self.rate
+        base["floor_s"] = self.floor(case, base["transformer_calls"])
         base["ratio_to_floor"] = base["seconds"]["total"] / base["floor_s"]
         self.baselines[case.size, case.steps] = self.writer.write(
             "baseline", **case.fields(), accelerations="diffusers eager", level="none", **base
@@ -480,10 +449,11 @@ class Run:
         name = config.describe()
         torch._dynamo.reset()
         free_memory(self.device)
-        # Compiled settings warm up every size of the run before timing (one compilation serves them all),
-        # or the shapes the server serves when the run times what its setup() does.
-        shapes = None if self.args.warm_up == "served" else [Shape(*c.size, *c.size) for c in self.cases]
+        # Compiled settings warm up what they need of this run's sizes before timing, or of the shapes the
+        # server serves when the run times what its setup() does (optimize.warm_up_shapes).
+        shapes = served_shapes() if self.args.warm_up == "served" else [Shape(*c.size, *c.size) for c in self.cases]
         log(f"{name}: applying and warming up")
+        mark_memory(self.device)  # the setting's peaks: quantisation, compilation and warm-up included
         try:
             transformer = self.source.get(modifies=config != AccelerationConfig(), needed_later=needed_later)
             graphs = graphs_compiled()
@@ -509,7 +479,7 @@ class Run:
                 self._error("run", e, **case.fields(), accelerations=name, level=level.value)
                 free_memory(self.device)
                 continue
-            r["floor_s"] = r["transformer_calls"] * case.flops.total / self.rate
+            r["floor_s"] = self.floor(case, r["transformer_calls"], config.fp8 and config.fp8.value)
             r["ratio_to_floor"] = r["seconds"]["total"] / r["floor_s"]
             r["denoise_ratio_to_floor"] = r["seconds"]["denoise"] / r["floor_s"]
             base = self.baselines.get((case.size, case.steps))
@@ -566,8 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--warm-up",
         choices=["run", "served"],
         default="run",
-        help="shapes compiled settings warm up before timing: this run's sizes, or every shape the server "
-        "serves (as its setup() does; with --compile-cache, the artifacts a restart loads)",
+        help="the shapes compiled settings warm up from (flux.optimize.warm_up_shapes) before timing: this run's "
+        "sizes, or the server's (as its setup() does; with --compile-cache, the artifacts a restart loads)",
     )
     parser.add_argument(
         "--compile-cache",

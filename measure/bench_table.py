@@ -41,10 +41,21 @@ def _machine(meta: dict | None) -> tuple:
     return (meta.get("device"), meta.get("driver"), meta.get("torch"), meta.get("config"))
 
 
+def _same_case(a: dict, b: dict) -> bool:
+    return a["size"] == b["size"] and a["steps"] == b["steps"]
+
+
 def _baseline_for(row: dict, rows: list[dict], metas: dict[str, dict]) -> tuple[float | None, bool]:
     """(speed-up vs diffusers, whether its baseline came from another process)."""
     if row.get("speedup_vs_baseline") is not None:
         return row["speedup_vs_baseline"], False
+    same_run = [
+        b["seconds"]["total"]
+        for b in rows
+        if b.get("kind") == "baseline" and b.get("run_id") == row.get("run_id") and _same_case(b, row)
+    ]
+    if same_run:  # measured later in the same process (measure.quick times diffusers after ours)
+        return statistics.median(same_run) / row["seconds"]["total"], False
     machine = _machine(metas.get(row.get("run_id")))
     totals = [
         b["seconds"]["total"]
@@ -79,11 +90,31 @@ def runs_header(rows: list[dict]) -> list[str]:
         build = builds.get(run_id)
         if build:
             what.append(f"built in {build['build_s']:.1f} s")
-            what.append(f"matmul {build['matmul']['flops_per_s'] / 1e12:.3g} TFLOP/s ({build['matmul']['dtype']})")
+            what += rates_summary(build.get("micro", []))
         part = f"part {m['part']}, " if m.get("part") else ""
         lines.append(f"- {part}run {run_id}: " + ", ".join(w for w in what if w))
         lines.append(f"  `{m.get('command', '?')}`")
     return lines
+
+
+def rates_summary(micro: list[dict]) -> list[str]:
+    """The microbenchmarks' rates in a few words: GEMM, fp8 GEMM, the best SDPA backend per sequence length."""
+    out = []
+    for r in micro:
+        if r.get("op") in ("gemm", "fp8 gemm") and "flops_per_s" in r:
+            out.append(f"{r['op']} {r['flops_per_s'] / 1e12:.3g} TFLOP/s ({r['dtype'].removeprefix('torch.')})")
+    best: dict[int, dict] = {}
+    for r in micro:
+        if (
+            r.get("kind") == "sdpa"
+            and "flops_per_s" in r
+            and r["flops_per_s"] > best.get(r["tokens"], {}).get("flops_per_s", 0)
+        ):
+            best[r["tokens"]] = r
+    out += [
+        f"SDPA at {n} tokens {r['flops_per_s'] / 1e12:.3g} TFLOP/s ({r['backend']})" for n, r in sorted(best.items())
+    ]
+    return out
 
 
 def edits_table(rows: list[dict]) -> list[str]:
@@ -93,7 +124,8 @@ def edits_table(rows: list[dict]) -> list[str]:
         return []
     lines = [
         "| part | size | steps | accelerations | level | calls | text s | image s | denoise s | decode s | total s "
-        "| × floor | speedup vs diffusers | skipped/computed step | peak GiB | recompiles | prepare s |",
+        "| × floor | speedup vs diffusers | skipped/computed step | peak GiB (allocated / reserved) | recompiles "
+        "| prepare s |",
         "|" + " --- |" * 17,
     ]
     for r in timed:
@@ -118,7 +150,8 @@ def edits_table(rows: list[dict]) -> list[str]:
                     _fmt(r.get("ratio_to_floor"), ".2f"),
                     _fmt(speedup, ".2f") + ("*" if elsewhere else ""),
                     _fmt(r.get("skip_cost_ratio"), ".4f"),
-                    _fmt(r.get("peak_memory_bytes"), ".2f", GIB),
+                    _fmt(r.get("peak_memory_bytes"), ".2f", GIB)
+                    + (f" / {r['peak_reserved_bytes'] / GIB:.2f}" if r.get("peak_reserved_bytes") else ""),
                     _fmt(r.get("recompiles"), "d"),
                     _fmt(sum(prepare.values()) if prepare else None, ".1f"),
                 ]
@@ -167,6 +200,73 @@ def restarts_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def micro_table(rows: list[dict]) -> list[str]:
+    """The microbenchmarks behind the floors: each GEMM and each SDPA backend at each sequence length."""
+    micro = [r for r in rows if r.get("kind") == "micro"]
+    if not micro:
+        return []
+    lines = ["| op | shape or tokens | dtype or backend | TFLOP/s | ms |", "| --- | --- | --- | --- | --- |"]
+    for r in micro:
+        what = "×".join(map(str, r["shape"])) if "shape" in r else f"{r['tokens']} tokens, {r['heads']} heads"
+        how = r.get("dtype", r.get("backend", "")).removeprefix("torch.")
+        rate = _fmt(r.get("flops_per_s"), ".0f", 1e12) if "flops_per_s" in r else r.get("error", "")
+        lines.append(f"| {r['op']} | {what} | {how} | {rate} | {_fmt(r.get('seconds'), '.2f', 1e-3)} |")
+    return lines
+
+
+def settings_table(rows: list[dict]) -> list[str]:
+    """Settings applied in place (measure.quick): what each took, compiled, and the peak memory it reached."""
+    settings = [r for r in rows if r.get("kind") == "setting"]
+    if not settings:
+        return []
+    lines = [
+        "| setting | accelerations | seconds (by step) | graphs compiled | peak GiB allocated / reserved | artifacts |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in settings:
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in r.get("prepare_s", {}).items())
+        peak = _fmt(r.get("peak_memory_bytes"), ".2f", GIB)
+        if r.get("peak_reserved_bytes"):
+            peak += f" / {r['peak_reserved_bytes'] / GIB:.2f}"
+        artifacts = r.get("artifacts") or {}
+        saved = f"{artifacts['bytes'] / 2**20:.1f} MiB" if artifacts.get("bytes") else ""
+        lines.append(f"| {r['item']} | {r['accelerations']} | {steps} | {r.get('compiles', '')} | {peak} | {saved} |")
+    return lines
+
+
+def plan_table(rows: list[dict]) -> list[str]:
+    """Each item of a quick plan: predicted and taken seconds (how good the budget's predictions were)."""
+    items = [r for r in rows if r.get("kind") == "item" or (r.get("kind") == "skipped" and "item" in r)]
+    if not items:
+        return []
+    lines = ["| item | status | predicted s | taken s |", "| --- | --- | --- | --- |"]
+    for r in items:
+        status = r.get("status") or f"skipped: {r.get('reason')}"
+        lines.append(
+            f"| {r['item']} | {status} | {_fmt(r.get('predicted_s'), '.1f')} | {_fmt(r.get('taken_s'), '.1f')} |"
+        )
+    return lines
+
+
+def serve_table(rows: list[dict]) -> list[str]:
+    """The real server (script/serve) on the tiny model: setup, then one prediction per level over HTTP."""
+    served = [r for r in rows if r.get("kind") in ("serve setup", "serve")]
+    if not served:
+        return []
+    lines = [
+        "| request | HTTP | status | seconds | predict_time s | transformer calls |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in served:
+        what = "setup (to READY)" if r["kind"] == "serve setup" else f"{r['level']}, {r.get('steps')} steps"
+        metrics = r.get("metrics") or {}
+        lines.append(
+            f"| {what} | {r.get('http', '')} | {r.get('status')} | {_fmt(r.get('seconds'), '.2f')} "
+            f"| {_fmt(r.get('predict_time'), '.3f')} | {metrics.get('transformer_calls', '')} |"
+        )
+    return lines
+
+
 def notes(rows: list[dict]) -> list[str]:
     """Parts as the kit ran them, and every skipped or failed row."""
     lines = []
@@ -175,6 +275,7 @@ def notes(rows: list[dict]) -> list[str]:
         what = ", ".join(
             str(x)
             for x in (
+                r.get("item"),
                 f"{r['size'][0]}x{r['size'][1]}" if r.get("size") else None,
                 r.get("accelerations"),
                 r.get("level"),
@@ -213,6 +314,19 @@ def _at_target_size(r: dict) -> bool:
     return r["size"] == TARGET_SIZE and r["steps"] == TARGET_STEPS
 
 
+EAGER_TARGET = "level none, bf16, accelerations off: within 1.15× of the floor"
+FAST_TARGET = "go really fast + fp8 + compile: within 1.25× of its floor"
+SPEEDUP_TARGET = "… and ≥ 3× faster than diffusers' eager pipeline"
+"""The targets on the floor of measure.floors: matmuls at the GEMM rate (fp8 layers at the fp8 rate), attention
+at the best SDPA rate. At the rates assumed for an H100 the fp8 floor of 13 calls is ~2.5 s and diffusers' eager
+28 calls ~8 s, so 3× is about what the floor allows (BENCHMARKS.md)."""
+
+
+def _peak(r: dict) -> float:
+    """A row's peak GPU memory: reserved where recorded (what the GPU had to give), else allocated."""
+    return r.get("peak_reserved_bytes") or r["peak_memory_bytes"]
+
+
 def targets(rows: list[dict]) -> list[tuple[str, str]]:
     """(target, status) for each target BENCHMARKS.md lists, from the GPU rows only."""
     metas = _metas(rows)
@@ -225,7 +339,7 @@ def targets(rows: list[dict]) -> list[tuple[str, str]]:
     eager_none = [r["ratio_to_floor"] for r in runs if r["accelerations"] == "off" and r["level"] == "none"]
     out.append(
         (
-            "level none, bf16, accelerations off: within 1.15× of the floor",
+            EAGER_TARGET,
             status(min(eager_none) <= 1.15, f"{min(eager_none):.2f}× the floor") if eager_none else "not measured",
         )
     )
@@ -236,11 +350,14 @@ def targets(rows: list[dict]) -> list[tuple[str, str]]:
         and "fp8" in r["accelerations"]
         and ("regional" in r["accelerations"] or "compile" in r["accelerations"])
     ]
-    best = min(fast, key=lambda r: r["seconds"]["total"]) if fast else None
+    best = min(fast, key=lambda r: r["ratio_to_floor"]) if fast else None
     out.append(
         (
-            "go really fast + fp8 + compile: ≤ 1.5 s",
-            status(best["seconds"]["total"] <= 1.5, f"{best['seconds']['total']:.2f} s, {best['accelerations']}")
+            FAST_TARGET,
+            status(
+                best["ratio_to_floor"] <= 1.25,
+                f"{best['ratio_to_floor']:.2f}× the floor, {best['seconds']['total']:.2f} s, {best['accelerations']}",
+            )
             if best
             else "not measured",
         )
@@ -248,10 +365,10 @@ def targets(rows: list[dict]) -> list[tuple[str, str]]:
     speedups = [(s, elsewhere, r) for r in fast for s, elsewhere in [_baseline_for(r, rows, metas)] if s is not None]
     if speedups:
         s, elsewhere, r = max(speedups, key=lambda x: x[0])
-        value = f"{s:.1f}×, {r['accelerations']}" + (", baseline from part 1's process" if elsewhere else "")
-        out.append(("… and ≥ 9× faster than diffusers' eager pipeline", status(s >= 9, value)))
+        value = f"{s:.1f}×, {r['accelerations']}" + (", baseline from another process" if elsewhere else "")
+        out.append((SPEEDUP_TARGET, status(s >= 3, value)))
     else:
-        out.append(("… and ≥ 9× faster than diffusers' eager pipeline", "not measured"))
+        out.append((SPEEDUP_TARGET, "not measured"))
     ratios = [(r["skip_cost_ratio"], r) for r in runs if r.get("skip_cost_ratio") is not None]
     if ratios:
         worst, r = max(ratios, key=lambda x: x[0])
@@ -259,10 +376,10 @@ def targets(rows: list[dict]) -> list[tuple[str, str]]:
         out.append(("a skipped step costs < 2 % of a computed one", status(worst < 0.02, value)))
     else:
         out.append(("a skipped step costs < 2 % of a computed one", "not measured"))
-    peaks = [r["peak_memory_bytes"] for r in runs if r["accelerations"] == SERVER_DEFAULT_GPU]
+    peaks = [_peak(r) for r in runs if r["accelerations"] == SERVER_DEFAULT_GPU]
     out.append(
         (
-            f"peak GPU memory ≤ 40 GiB at 1 MP (the server's default, {SERVER_DEFAULT_GPU})",
+            f"peak GPU memory ≤ 40 GiB at 1 MP (the server's default, {SERVER_DEFAULT_GPU}; reserved)",
             status(max(peaks) <= 40 * GIB, f"{max(peaks) / GIB:.1f} GiB") if peaks else "not measured",
         )
     )
@@ -289,8 +406,12 @@ def targets_table(rows: list[dict]) -> list[str]:
 def render(rows: list[dict]) -> str:
     sections = [
         ("Runs", runs_header(rows)),
+        ("Microbenchmarks (the floors' rates)", micro_table(rows)),
         ("Edits", edits_table(rows)),
+        ("Settings applied in place", settings_table(rows)),
         ("Restarts", restarts_table(rows)),
+        ("The server on the device (tiny model, over HTTP)", serve_table(rows)),
+        ("Plan: predicted and taken", plan_table(rows)),
         ("Skipped, failed, parts", notes(rows)),
         ("Targets (full-size model on a GPU only)", targets_table(rows)),
     ]

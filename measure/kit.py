@@ -1,14 +1,21 @@
 """The GPU measurement kit: the speed figures BENCHMARKS.md lacks, in parts that each fit one command on a
 GPU lent for minutes (script/bench-gpu is the entry point).
 
+    python -m measure.kit quick              # the headline figures in one command (at most 9 minutes)
+    python -m measure.kit --smoke quick      # the same on the tiny model on the CPU (the tests run it)
     python -m measure.kit 1                  # a part, or several in order: python -m measure.kit 2 4
-    python -m measure.kit --smoke            # the same plan on the tiny model on the CPU (the tests run it)
+    python -m measure.kit --smoke            # parts 1-5 on the tiny model on the CPU (the tests run it)
+
+`quick` is three processes: measure.quick (the model built once; microbenchmarks, eager against diffusers,
+regional compile, fp8, 2 MP and cuDNN attention applied in place, in that order of priority, each row predicted
+before it starts), measure.restart (a warm restart from the artifacts quick saved) and measure.serve_check (the
+real server on the tiny model on the GPU, over HTTP). The longer parts below are for longer windows:
 
 Parts, on the full-size model with random weights built on one CUDA GPU, 1024² output and context, 28 steps:
 
     1  diffusers' eager FluxKontextPipeline (bf16) against ours, eager, at none / go fast / go really fast
-    2  regional compile (the server's GPU default) at the three levels, warming up every served shape and
-       saving the compile artifacts, as the server's setup() does
+    2  regional compile (the server's GPU default) at the three levels, warming up what it needs of the served
+       shapes and saving the compile artifacts, as the server's setup() does
     3  fp8 linear layers + regional compile, single-stream blocks and all blocks, at none and go really fast
     4  warm restart: setup() in a fresh process with part 2's artifacts (a cold process first if there are none)
     5  resolution scaling, 0.25 / 1 / 2 MP, for the server's default setting
@@ -27,7 +34,6 @@ import argparse
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from measure import bench_table
+from measure import bench_table, records
 from measure.records import ENV_DEADLINE_AT, PACKAGES, RowWriter, nvidia_smi, package_version, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +72,12 @@ class Part:
     tail_s: int  # the longest single step it may start (a compile, one row): budget = limit - tail
     limit_s: int = 480  # hard limit of the part on its own
     fresh_compile_cache: bool = False  # start with no saved artifacts (part 2 times a cold compile)
+    needs_artifacts: bool = False  # a restart that only runs on artifacts an earlier part saved (no cold one)
+
+    @property
+    def file(self) -> str:
+        """Its rows' file in OUT: partN.jsonl for the numbered parts, NAME.jsonl for the others."""
+        return f"part{self.name}.jsonl" if self.name.isdigit() else f"{self.name}.jsonl"
 
 
 def _gpu(*args: str, repeats: int = 2) -> tuple[str, ...]:
@@ -172,6 +184,56 @@ PARTS: dict[str, Part] = {
         ),
     ]
 }
+_QUICK_SMOKE = (
+    *("--config", "tiny", "--compile-backend", "eager", "--steps", "10", "--size", "64x48", "--large-size", "96x96"),
+    *("--micro-sizes", "64x48,96x96", "--attention", "_native_math"),  # the CPU has no cuDNN
+)
+QUICK = ("quick", "quick-restart", "quick-serve")
+"""`script/bench-gpu quick`: the headline figures within one command (measure.quick), then a warm restart from
+the artifacts it saved, then the real server on the device."""
+
+PARTS.update(
+    {
+        p.name: p
+        for p in [
+            Part(
+                "quick",
+                "microbenchmarks, eager vs diffusers, regional compile, fp8, 2 MP, cuDNN attention, in place",
+                "measure.quick",
+                ("--config", "full", "--compile-cache", CACHE),
+                (*_QUICK_SMOKE, "--compile-cache", CACHE),
+                estimate_s=348,  # measure.quick --plan: its rows and the model build at the assumed H100 rates
+                reserve_s=240,
+                tail_s=15,  # every row it starts must end within its budget: the margin is for its tables
+                limit_s=420,
+                fresh_compile_cache=True,
+            ),
+            Part(
+                "quick-restart",
+                "warm restart: setup() in a fresh process with quick's compile artifacts",
+                "measure.restart",
+                _restart("full", "served", "1024x1024", 28),
+                _restart("tiny", "64x48", "64x48", 10, *_EAGER_BACKEND),
+                estimate_s=90,
+                reserve_s=100,
+                tail_s=0,
+                limit_s=150,
+                needs_artifacts=True,
+            ),
+            Part(
+                "quick-serve",
+                "the real server (script/serve) on the tiny model, one prediction per level over HTTP",
+                "measure.serve_check",
+                ("--device", "cuda"),
+                ("--device", "cpu", "--steps", "8"),
+                estimate_s=45,
+                reserve_s=60,
+                tail_s=0,
+                limit_s=120,
+            ),
+        ]
+    }
+)
 SMOKE_PARTS = ("1", "2", "3", "4", "5")
 """The plan the smoke run covers; part 6 is optional on the GPU (`script/bench-gpu smoke 6` runs its CPU stand-in)."""
 
@@ -202,7 +264,7 @@ class Kit:
     def run(self, names: list[str]) -> int:
         for i, name in enumerate(names):
             part = PARTS[name]
-            jsonl = self.out / f"part{name}.jsonl"
+            jsonl = self.out / part.file
             if self.args.smoke:  # the GPU's time limits mean nothing on the CPU: only the deadline counts
                 later, limit, least = 0, self.remaining(), 1
             else:
@@ -219,15 +281,17 @@ class Kit:
                 shutil.rmtree(self.cache, ignore_errors=True)
             if part.module == "measure.restart":
                 self._restart_part(part, jsonl, limit)
+            elif part.module == "measure.serve_check":
+                self._process(part, "serve", self._args(part), jsonl, limit, None)
             else:
                 budget = max(limit - part.tail_s, limit / 2)
                 self._process(part, "bench", [*self._args(part), "--budget", f"{budget:.0f}"], jsonl, limit, budget)
-        files = [self.out / f"part{n}.jsonl" for n in names if (self.out / f"part{n}.jsonl").exists()]
+        files = [self.out / PARTS[n].file for n in names if (self.out / PARTS[n].file).exists()]
         if files:
             table = bench_table.render(read_rows(*files))
             print(table, flush=True)
             self.log_file.write(table + "\n")
-        self.say(f"done: {len(names)} part(s), {self.failures} with a failure; rows in {self.out}/part*.jsonl")
+        self.say(f"done: {len(names)} part(s), {self.failures} with a failure; rows in {self.out}/*.jsonl")
         self.log_file.close()
         return 1 if self.failures else 0
 
@@ -236,9 +300,17 @@ class Kit:
         return [str(self.cache) if a == CACHE else a for a in args] + ["--part", part.name]
 
     def _restart_part(self, part: Part, jsonl: Path, limit: float) -> None:
-        """A cold process first when no artifacts were saved (it compiles and saves them), then the restart."""
+        """The restart in a fresh process. Without saved artifacts: part 4 runs a cold process first (it compiles
+        and saves them); a part that `needs_artifacts` (the quick plan's, which come from measure.quick) does
+        not start on a GPU, and on the CPU runs anyway (dynamo's eager backend saves none to find)."""
         deadline = time.perf_counter() + limit
-        if not any(self.cache.glob("transformer-*.bin")):
+        if not any(self.cache.glob("transformer-*.bin")) and part.needs_artifacts and not self.args.smoke:
+            self.say(f"part {part.name}: not started, no compile artifacts were saved before it")
+            with RowWriter(jsonl, part=part.name) as w:
+                w.write("part", process="not started: no compile artifacts", returncode=None, seconds=0, limit_s=limit)
+            self.failures += 1
+            return
+        if not any(self.cache.glob("transformer-*.bin")) and not part.needs_artifacts:
             self.say("no compile artifacts saved yet: a cold process compiles and saves them first")
             cold_limit = limit - min(part.reserve_s, limit / 2)
             self._process(part, "restart (cold)", self._args(part), jsonl, cold_limit, None)
@@ -275,7 +347,7 @@ class Kit:
             self.say(
                 f"part {part.name}: {label} reached its limit of {limit:.0f} s; stopping it (rows so far are kept)"
             )
-            _stop(proc)
+            records.stop_group(proc)
         reader.join(timeout=30)
         seconds = time.perf_counter() - t0
         for path in caches.values():
@@ -305,20 +377,6 @@ class Kit:
             self.log_file.flush()
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the part's process group (the compiler's worker processes too), SIGKILL if it lingers."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def preflight(args: argparse.Namespace, names: list[str]) -> str | None:
     """What stops the parts before they start (a missing GPU or library), as a message; None when all is there.
     Cheap on purpose: on a lent GPU, a broken environment should cost seconds, not a model build."""
@@ -328,9 +386,12 @@ def preflight(args: argparse.Namespace, names: list[str]) -> str | None:
     if smi:
         lines.append(f"{smi['gpu']}, driver {smi['driver']}, {smi['gpu_memory']}")
     print("environment: " + "; ".join(lines), flush=True)
-    missing = [name for name in ("diffusers",) if importlib.util.find_spec(name) is None]
-    if not args.smoke and "3" in names and importlib.util.find_spec("torchao") is None:
-        missing.append("torchao")
+    wanted = ["diffusers"]
+    if "quick-serve" in names:
+        wanted += ["cog", "coglet", "structlog"]
+    if not args.smoke and {"3", "quick"} & set(names):
+        wanted.append("torchao")
+    missing = [name for name in wanted if importlib.util.find_spec(name) is None]
     if missing:
         return (
             f"{', '.join(missing)} not importable by {sys.executable}. On a machine with network run "
@@ -361,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     names = args.parts or (list(SMOKE_PARTS) if args.smoke else [])
+    if "quick" in names:  # the quick plan is its three parts, in their order
+        names = [n for n in names if n not in QUICK]
+        names = [*QUICK, *names]
     if not names:
         parser.error(f"name the parts to run ({', '.join(PARTS)}), or --smoke")
     unknown = [name for name in names if name not in PARTS]

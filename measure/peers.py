@@ -62,7 +62,7 @@ from flux.taylor_seer_utils import (
     TaylorSeerConfig,
     generate_compute_step_map,
 )
-from measure.fidelity import FLUX_BLOCKS, PreparedCase, decoded, prepare_cases, psnr, rel_l2, ssim
+from measure.cases import FLUX_BLOCKS, PreparedCase, decoded, prepare_cases, psnr, rel_l2, ssim, synthetic_cases
 from measure.variants import AdaptiveConfig, FirstBlockPolicy, WarmupSchedule, schedules_with_calls
 
 LEVELS = (AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST)  # their calls are the budgets
@@ -676,8 +676,6 @@ def run_peers(
 ) -> PeersReport:
     """The whole comparison: calibrate MagCache, sweep every method on the tuning cases, choose per budget
     and pricing, and measure the choices on the held-out cases (`cases` each, synthetic, `size` pixels)."""
-    from measure.fidelity import synthetic_cases
-
     named_levels = level_budgets(num_inference_steps)
     budgets = tuple(named_levels)
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -186,3 +187,18 @@ def environment(device) -> dict:
     else:
         env["device"] = platform.processor() or platform.machine() or "cpu"
     return env
+
+
+def stop_group(proc: subprocess.Popen, wait: float = 15) -> None:
+    """Stop a process started in its own process group, with everything it started (a compiler's workers, a
+    server's worker): SIGTERM to the group, SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -16,7 +16,7 @@ import torch
 
 from flux.pipeline import KontextEditor
 from flux.taylor_seer_utils import TaylorSeerState
-from measure import fidelity
+from measure import cases, fidelity
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = ROOT / "tests" / "assets" / "proxy"
@@ -54,7 +54,7 @@ def proxy_editor():
 
 
 def quick(editor):
-    return fidelity.run_fidelity(editor, fidelity.quick_variants(), fidelity.synthetic_cases(2, 64))
+    return fidelity.run_fidelity(editor, fidelity.quick_variants(), cases.synthetic_cases(2, 64))
 
 
 def floor_failures(rows, recorded) -> list[str]:
@@ -149,12 +149,12 @@ def test_command_line_writes_the_table_and_json(proxy_editor, tmp_path, capsys):
 
 def test_metrics():
     a = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert fidelity.psnr(a, a) == fidelity.MAX_PSNR and fidelity.ssim(a, a) == pytest.approx(1.0)
-    assert fidelity.psnr(a, (a + 0.1).clamp(0, 1)) == pytest.approx(20, abs=1.5)
+    assert cases.psnr(a, a) == cases.MAX_PSNR and cases.ssim(a, a) == pytest.approx(1.0)
+    assert cases.psnr(a, (a + 0.1).clamp(0, 1)) == pytest.approx(20, abs=1.5)
     b = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    assert fidelity.ssim(a, b) < 0.1  # independent noise images
+    assert cases.ssim(a, b) < 0.1  # independent noise images
     # SSIM ignores a small uniform brightness shift far more than PSNR does
-    assert fidelity.ssim(a, (a * 0.9 + 0.05)) > 0.95
+    assert cases.ssim(a, (a * 0.9 + 0.05)) > 0.95
 
 
 def test_accelerated_variants_run_on_a_copy_and_are_measured(proxy_editor):
@@ -166,10 +166,10 @@ def test_accelerated_variants_run_on_a_copy_and_are_measured(proxy_editor):
     level_none = fidelity.acceleration_variants("fuse")[0]
     again = fidelity.Variant("none again", level_none.level)
     rows = fidelity.run_fidelity(
-        proxy_editor, [again, level_none, fidelity.bf16_variant()], fidelity.synthetic_cases(1, 64)
+        proxy_editor, [again, level_none, fidelity.bf16_variant()], cases.synthetic_cases(1, 64)
     )
     by_name = {row.variant: row for row in rows}
-    assert by_name["none again"].psnr == fidelity.MAX_PSNR and by_name["none again"].latent_rel_l2 == 0
+    assert by_name["none again"].psnr == cases.MAX_PSNR and by_name["none again"].latent_rel_l2 == 0
     fused = by_name["none · default · fuse"]
     assert (fused.accelerations, fused.dtype, fused.calls) == ("fuse", "float32", 28)
     assert fused.latent_rel_l2 < 1e-4

@@ -1,5 +1,7 @@
 """Decoding input images (every case in tests/hostile_files.py) and encoding outputs."""
 
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import PIL.ImageFile
@@ -7,10 +9,12 @@ import pytest
 
 from flux import images
 from flux.errors import InvalidInputError
+from measure.host import decoded, encoded, noise, photo_like, psnr
 from tests.conftest import make_image
 from tests.hostile_files import CASES, animated_gif, encode, rgba
 
 IMAGE = make_image(200, 150)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def load(tmp_path, data: bytes) -> PIL.Image.Image:
@@ -106,3 +110,53 @@ def test_save_image_leaves_nothing_when_encoding_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         images.save_image(IMAGE, tmp_path, "png", 80)
     assert list(tmp_path.iterdir()) == []
+
+
+def jpeg_file(tmp_path, size, **options) -> Path:
+    path = tmp_path / f"photo-{size[0]}x{size[1]}.jpg"
+    photo_like(*size).save(path, format="JPEG", quality=90, **options)
+    return path
+
+
+def context_pixels(img) -> np.ndarray:
+    w, h = images.kontext_size(*img.size)
+    return ((images.image_to_tensor(img, w, h)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).numpy()
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_never_below_its_kontext_size(tmp_path):
+    path = jpeg_file(tmp_path, (2400, 1800))  # Kontext size 1184x880: half scale still covers it
+    drafted, full = images.load_image(path), images.load_image(path, draft=False)
+    assert full.size == (2400, 1800) and drafted.size == (1200, 900)
+    assert images.kontext_size(*drafted.size) == images.kontext_size(*full.size)
+    assert psnr(context_pixels(drafted), context_pixels(full)) > 45  # measured 52 dB (BENCHMARKS.md)
+
+
+def test_a_drafted_jpeg_keeps_its_exif_orientation(tmp_path):
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotated 90°: stored landscape, shown portrait
+    assert images.load_image(jpeg_file(tmp_path, (2400, 1800), exif=exif)).size == (900, 1200)
+
+
+def test_images_without_room_for_a_smaller_scale_decode_in_full(tmp_path):
+    assert images.load_image(jpeg_file(tmp_path, (2000, 1500))).size == (2000, 1500)  # 1/2 would be < 1184x880
+    png = tmp_path / "large.png"
+    photo_like(2400, 1800).save(png)
+    assert images.load_image(png).size == (2400, 1800)  # draft mode is JPEG's
+
+
+@pytest.mark.parametrize("name", ["photo-like", "smooth", "noise"])
+def test_faster_output_encoding_stays_within_its_bounds(tmp_path, name):
+    """The served WebP effort and PNG level against Pillow's defaults (method 4, level 6): WebP at most 30 %
+    more bytes and within 0.3 dB PSNR; PNG lossless and at most 35 % more bytes."""
+    size = (1184, 880)
+    img = {
+        "photo-like": lambda: photo_like(*size, seed=1),
+        "smooth": lambda: PIL.Image.open(ROOT / "examples" / "car.jpg").convert("RGB").resize(size),
+        "noise": lambda: noise(*size),
+    }[name]()
+    webp = images.save_image(img, tmp_path, "webp", 80).read_bytes()
+    default_webp = encoded(img, "WEBP", quality=80)
+    assert len(webp) <= 1.3 * len(default_webp)
+    assert psnr(decoded(webp), img) >= psnr(decoded(default_webp), img) - 0.3
+    png = images.save_image(img, tmp_path, "png", 80).read_bytes()
+    assert len(png) <= 1.35 * len(encoded(img, "PNG")) and np.array_equal(np.asarray(decoded(png)), np.asarray(img))

@@ -47,3 +47,11 @@ def test_the_serving_loop_takes_what_serving_needs():
 
 def test_predict_stays_thin():
     assert len((ROOT / "predict.py").read_text().splitlines()) < 150
+
+
+def test_the_fidelity_tools_import_one_way():
+    """measure.fidelity runs measure.peers (--peers); both take their cases and metrics from measure.cases."""
+    fidelity, peers, cases = (imported_modules(ROOT / "measure" / f"{n}.py") for n in ("fidelity", "peers", "cases"))
+    assert not {n for n in peers if n.startswith("measure.fidelity")}
+    assert not {n for n in cases if n.startswith(("measure.fidelity", "measure.peers"))}
+    assert "measure.cases" in peers & fidelity

@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from flux import optimize
 from flux.errors import InvalidInputError
-from flux.lora import LoraRequest
+from flux.lora import LoraRequest, LoraSlot, keeps_on_gpu
 from flux.optimize import AccelerationConfig, CompileScope
 from flux.pipeline import EditRequest, KontextEditor
 from tests.conftest import make_image
@@ -115,3 +115,22 @@ def test_a_compiled_transformer_runs_a_lora_without_recompiling(fresh_editor, lo
     assert counters["stats"]["unique_graphs"] == graphs, "the LoRA request recompiled"
     torch.testing.assert_close(with_lora, eager, rtol=1e-4, atol=1e-4)
     assert torch.equal(again, plain)
+
+
+def test_originals_stay_on_the_gpu_only_with_room_to_spare():
+    gib = 2**30
+    assert keeps_on_gpu(1 * gib, free_bytes=20 * gib, headroom=16 * gib)
+    assert not keeps_on_gpu(5 * gib, free_bytes=20 * gib, headroom=16 * gib)
+    assert not keeps_on_gpu(1 * gib, free_bytes=10 * gib)  # the default headroom: 16 GiB
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("headroom,where", [(0, "gpu"), (2**60, "pinned")])
+def test_originals_on_the_gpu_or_in_pinned_memory_restore_bit_for_bit(tiny_dir, lora_file, headroom, where):
+    editor = KontextEditor.from_pretrained(tiny_dir, device="cuda")
+    editor.lora = LoraSlot(editor.components.transformer, gpu_headroom=headroom)
+    plain = edit(editor)
+    assert not torch.equal(edit(editor, LoraRequest(lora_file, 1.0)).latents, plain.latents)
+    assert torch.equal(edit(editor).latents, plain.latents)
+    kept = list(editor.lora._originals.values())
+    assert kept and all(t.is_cuda if where == "gpu" else t.is_pinned() for t in kept)

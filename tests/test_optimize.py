@@ -14,9 +14,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from flux import optimize
-from flux.images import ASPECT_RATIO_SIZES
+from flux.images import ASPECT_RATIO_SIZES, scale_size
 from flux.optimize import AccelerationConfig, CompileScope, Fp8Scope, Shape
-from flux.pipeline import EditRequest, KontextEditor
+from flux.pipeline import MAX_EXTRA_IMAGES, EditRequest, KontextEditor, served_shapes
 from tests.conftest import make_image
 
 HAS_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -75,13 +75,32 @@ def test_invalid_combinations_cannot_be_written():
             "attention=_native_cudnn+mode=max-autotune",
             AccelerationConfig(attention="_native_cudnn", compile=CompileScope.WHOLE, compile_mode="max-autotune"),
         ),
-        ("regional+mode=max-autotune", AccelerationConfig(compile=CompileScope.REGIONAL, compile_mode="max-autotune")),
+        (
+            "regional+mode=max-autotune-no-cudagraphs",
+            AccelerationConfig(compile=CompileScope.REGIONAL, compile_mode="max-autotune-no-cudagraphs"),
+        ),
+        (
+            "compile+mode=reduce-overhead",
+            AccelerationConfig(compile=CompileScope.WHOLE, compile_mode="reduce-overhead"),
+        ),
     ],
 )
 def test_parse_and_describe_round_trip(spec, expected):
     config = AccelerationConfig.parse(spec)
     assert config == expected
     assert AccelerationConfig.parse(config.describe()) == config
+
+
+@pytest.mark.parametrize("mode", optimize.CUDA_GRAPH_MODES)
+def test_cuda_graphs_are_refused_with_regional_dynamic_compile(mode):
+    with pytest.raises(ValueError, match="records CUDA graphs"):
+        AccelerationConfig.parse(f"regional+mode={mode}")
+
+
+def test_fp8_needs_compile():
+    for spec in ("fp8", "fp8-all", "fuse+fp8"):
+        with pytest.raises(ValueError, match="fp8 needs compile on"):
+            AccelerationConfig.parse(spec).validate("cpu")
 
 
 def test_parse_rejects_unknown_names():
@@ -104,8 +123,8 @@ def test_from_env(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(HAS_FP8_GPU, reason="checks the refusal on a machine without an fp8 GPU")
 def test_fp8_is_refused_without_an_fp8_gpu(fresh_editor):
-    with pytest.raises(ValueError, match="fp8 needs"):
-        fresh_editor(AccelerationConfig(fp8=Fp8Scope.SINGLE))
+    with pytest.raises(ValueError, match="fp8 needs a CUDA GPU"):
+        fresh_editor(AccelerationConfig(fp8=Fp8Scope.SINGLE, compile=CompileScope.REGIONAL))
 
 
 def test_fp8_without_torchao_says_what_to_install(editor):
@@ -124,8 +143,18 @@ def test_attention_backend_without_its_package_says_what_to_install(fresh_editor
 
     if _CAN_USE_SAGE_ATTN:
         pytest.skip("sageattention is installed")
-    with pytest.raises(RuntimeError, match="install `sageattention"):
+    with pytest.raises(ValueError, match="install `sageattention"):
         fresh_editor(AccelerationConfig(attention="sage"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a backend this machine cannot run")
+def test_an_unusable_attention_backend_is_refused_before_the_model_changes(editor):
+    transformer = editor.components.transformer
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    with pytest.raises(ValueError, match="attention backend '_native_cudnn' cannot run on cpu"):
+        optimize.apply(transformer, AccelerationConfig(fuse_qkv=True, attention="_native_cudnn"))
+    assert not any(getattr(m, "fused_projections", False) for m in transformer.modules())  # not fused first
+    assert transformer.state_dict().keys() == before.keys()
 
 
 def test_unknown_attention_backend_is_refused():
@@ -155,13 +184,48 @@ def test_fusion_and_attention_backend_keep_the_result(editor, fresh_editor, conf
     torch.testing.assert_close(small_edit(accelerated).latents, small_edit(editor).latents, rtol=1e-4, atol=1e-4)
 
 
-def test_served_shapes_cover_every_aspect_ratio_and_preferred_resolution():
+def test_served_shapes_cover_every_aspect_ratio_resolution_draft_and_several_images():
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-    shapes = optimize.served_shapes()
-    assert len(shapes) == len(set(shapes))
-    assert {(s.width, s.height) for s in shapes} >= set(ASPECT_RATIO_SIZES.values())
+    shapes = served_shapes()
+    assert shapes[0] == optimize.COMMON_SHAPE and len(shapes) == len(set(shapes))
+    sizes = {(s.width, s.height) for s in shapes}
+    assert sizes >= set(ASPECT_RATIO_SIZES.values()) | {scale_size(s, 0.25) for s in ASPECT_RATIO_SIZES.values()}
     assert {Shape(w, h, w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS} <= set(shapes)
+    assert Shape(512, 512, 512, 512) in shapes
+    assert Shape(1024, 1024, 1024, 1024, ((1024, 1024),)) in shapes  # two images, separate
+    assert max(len(s.contexts()) for s in shapes) == 1 + MAX_EXTRA_IMAGES
+    assert max(s.tokens()[1] for s in shapes) <= 8400  # the README's bound on separate mode's context
+
+
+def test_warm_up_compiles_once_unless_a_backend_plans_per_shape():
+    served = served_shapes()
+    assert optimize.warm_up_shapes(AccelerationConfig(), served) == []
+    assert optimize.warm_up_shapes(AccelerationConfig.parse("regional"), served) == [optimize.COMMON_SHAPE]
+    for spec in ("compile+mode=reduce-overhead", "regional+attention=_native_cudnn"):
+        every = optimize.warm_up_shapes(AccelerationConfig.parse(spec), served)
+        assert {sum(s.tokens()) for s in every} == {sum(s.tokens()) for s in served}
+        assert len(every) == len({sum(s.tokens()) for s in every}) < len(served)
+
+
+def test_the_default_warm_up_leaves_nothing_to_compile_for_drafts_and_several_images(tiny_dir):
+    """One warm-up call at the common shape; then a 0.25 MP draft with three images in separate mode (other
+    token counts, three context planes) and a fixed aspect ratio compile nothing. backend "eager": dynamo's
+    guards, and so its recompiles, are inductor's."""
+    editor = KontextEditor.from_pretrained(tiny_dir, device="cpu")
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    transformer, regional = editor.components.transformer, AccelerationConfig.parse("regional")
+    prepared = optimize.optimize(transformer, regional, shapes=served_shapes(), compile_backend="eager")
+    compiled = counters["stats"]["unique_graphs"] - before
+    assert compiled >= 1 and "warm_up" in prepared
+    images = [make_image(96, 64), make_image(64, 96, seed=2), make_image(80, 80, seed=3)]
+    draft = dataclasses.replace(
+        REQUEST, image=images[0], extra_images=tuple(images[1:]), multi_image_mode="separate", megapixels=0.25
+    )
+    assert editor.edit(draft).context_tokens > 1024
+    editor.edit(dataclasses.replace(REQUEST, aspect_ratio="21:9", megapixels=0.25))
+    assert counters["stats"]["unique_graphs"] - before == compiled, "a served shape recompiled"
 
 
 @pytest.mark.parametrize("regional", [False, True], ids=["whole model", "regional"])

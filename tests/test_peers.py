@@ -10,7 +10,7 @@ import torch
 from flux import sampling
 from flux.pipeline import KontextEditor
 from flux.taylor_seer_utils import SCHEDULE_DEFAULT_ORDER, AccelerationLevel, StepSchedule, generate_compute_step_map
-from measure import fidelity, peers
+from measure import cases, fidelity, peers
 from measure.variants import AdaptiveConfig, WarmupSchedule, first_block_residual
 from tests.test_fidelity import PROXY
 
@@ -25,7 +25,7 @@ def proxy_editor():
 
 @pytest.fixture(scope="module")
 def one_case(proxy_editor):
-    return fidelity.prepare_cases(proxy_editor, fidelity.synthetic_cases(1, 64, peers.TUNING_SEED))
+    return cases.prepare_cases(proxy_editor, cases.synthetic_cases(1, 64, peers.TUNING_SEED))
 
 
 def final_tokens(editor, candidate, case):
@@ -80,7 +80,7 @@ def test_peers_run_on_a_copy_and_count_only_the_blocks_they_run(proxy_editor, on
     # the editor's transformer is untouched: no hook on it, and level none is still the reference
     assert not getattr(transformer, "_diffusers_hook", None)
     again = peers.evaluate(proxy_editor, peers.NamedLevel(AccelerationLevel.NONE), one_case)
-    assert (again.psnr, again.latent_rel_l2, again.cost) == (fidelity.MAX_PSNR, 0.0, peers.Cost(28, 28))
+    assert (again.psnr, again.latent_rel_l2, again.cost) == (cases.MAX_PSNR, 0.0, peers.Cost(28, 28))
 
 
 def test_our_adaptive_level_is_priced_by_its_probes(proxy_editor, one_case):
@@ -108,8 +108,7 @@ def test_choose_takes_the_most_faithful_configuration_within_the_budget_in_the_g
 
 def test_tuning_held_out_and_calibration_cases_share_nothing():
     sets = [
-        fidelity.synthetic_cases(16, 64, seed)
-        for seed in (peers.TUNING_SEED, peers.HELD_OUT_SEED, peers.CALIBRATION_SEED)
+        cases.synthetic_cases(16, 64, seed) for seed in (peers.TUNING_SEED, peers.HELD_OUT_SEED, peers.CALIBRATION_SEED)
     ]
     seeds = [{c.seed for c in cases} for cases in sets]
     assert not (seeds[0] & seeds[1] or seeds[0] & seeds[2] or seeds[1] & seeds[2])

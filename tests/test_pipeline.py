@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from flux import images
-from flux.errors import InvalidInputError
-from flux.pipeline import EditRequest
+from flux.errors import InvalidInputError, NonFiniteOutputError
+from flux.pipeline import EditRequest, KontextEditor
 from tests.conftest import make_image
 
 IMAGE = make_image(200, 150)
@@ -168,3 +168,12 @@ def test_bad_multi_image_and_megapixel_inputs_are_named(editor, field, value):
     with pytest.raises(InvalidInputError) as e:
         edit(editor, **{field: value})
     assert e.value.name == {"extra_images": "input_images"}.get(field, field)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["NaN", "inf"])
+def test_non_finite_latents_fail_the_edit_instead_of_returning_a_black_picture(tiny_dir, bad):
+    broken = KontextEditor.from_pretrained(tiny_dir, device="cpu")
+    with torch.no_grad():
+        broken.components.transformer.proj_out.bias[3] = bad  # one output channel of every velocity
+    with pytest.raises(NonFiniteOutputError, match=r"non-finite latent values \(NaN or infinity\).*no image"):
+        edit(broken, seed=0)

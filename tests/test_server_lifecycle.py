@@ -162,6 +162,20 @@ def test_broken_weights_fail_setup_naming_what_is_wrong(tiny_dir, tmp_path, dama
         assert r.status_code >= 400
 
 
+def test_non_finite_latents_fail_the_prediction_instead_of_returning_a_black_picture(tiny_dir, tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_dir, weights)
+    path = weights / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    tensors["proj_out.bias"][3] = float("nan")  # one channel of every velocity
+    save_file(tensors, path, metadata={"format": "pt"})
+    with running_server(weights, tmp_path) as server:
+        body = server.predict(REFERENCE).json()
+        assert body["status"] == "failed" and body.get("output") is None
+        assert "non-finite latent values (NaN or infinity)" in body["error"], body["error"]
+        assert server.health()["status"] in ("READY", "BUSY")
+
+
 @pytest.fixture(scope="module")
 def lean_server(tmp_path_factory):
     """The tiny model without its single-stream block: the same code path at half the CPU time per
