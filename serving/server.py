@@ -46,6 +46,8 @@ class Inputs:
     input_image: object  # a pathlib.Path for a valid file input (see downloads.file_input)
     input_images: list | None
     multi_image_mode: str
+    mask: object  # None, or a file input like input_image
+    strength: float
     aspect_ratio: str
     megapixels: str
     num_inference_steps: int
@@ -105,6 +107,9 @@ class EditServer:
             images.load_image(downloads.file_input("input_images", path), "input_images")
             for path in inputs.input_images or ()
         )
+        mask = None
+        if inputs.mask is not None:
+            mask = images.load_mask(downloads.file_input("mask", inputs.mask))
         acceleration = inputs.acceleration
         if acceleration == AUTO:
             acceleration = AccelerationLevel.GO_REALLY_FAST if inputs.go_fast else AccelerationLevel.NONE
@@ -123,6 +128,8 @@ class EditServer:
             multi_image_mode=inputs.multi_image_mode,
             megapixels=MEGAPIXELS.get(inputs.megapixels, inputs.megapixels),
             lora=lora,
+            mask=mask,
+            strength=inputs.strength,
         )
         request.validate()
         return request.with_seed()
@@ -131,13 +138,12 @@ class EditServer:
         """Run one prediction and return the output file."""
         request = self.request(inputs)
         print(f"Using seed: {request.seed}")
-        steps = request.num_inference_steps
 
         def progress(step: sampling.Step) -> None:
-            print(f"Step {step.index + 1}/{steps}" + ("" if step.computed else " (TaylorSeer)"))
+            print(f"Step {step.index + 1}/{step.total}" + ("" if step.computed else " (TaylorSeer)"))
 
         result = self.editor.edit(request, on_step=progress)
-        print(f"Transformer calls: {result.transformer_calls} of {steps} steps ({request.acceleration})")
+        print(f"Transformer calls: {result.transformer_calls} of {result.steps} steps ({request.acceleration})")
         # Checked before anything is written: an unsafe image never reaches a file.
         if inputs.disable_safety_checker:
             print("Safety checker: off for this prediction (disable_safety_checker)")
@@ -186,9 +192,11 @@ def _log_server_versions() -> None:
 def record(record_metric: RecordMetric, request: EditRequest, result: EditResult) -> None:
     """The prediction's figures, in its `metrics` (Cog's record_metric; nested names with dots)."""
     record_metric("transformer_calls", result.transformer_calls)
-    record_metric("steps", request.num_inference_steps)
+    record_metric("steps", result.steps)
     record_metric("seed", result.seed)
     record_metric("acceleration", str(request.acceleration))
     record_metric("context_tokens", result.context_tokens)
+    if request.mask is not None:
+        record_metric("edited_fraction", round(result.edited_fraction, 4))
     for phase, seconds in result.seconds.items():
         record_metric(f"seconds.{phase}", round(seconds, 4))

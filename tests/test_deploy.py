@@ -119,7 +119,7 @@ def test_every_optional_input_absent_or_null_is_what_the_schema_says(fetched_ser
     naming the input."""
     schema = build_schema()["components"]["schemas"]["Input"]
     optional = [name for name in schema["properties"] if name not in schema["required"]]
-    assert len(optional) == 14
+    assert len(optional) == 16
     minimal = {"prompt": "make the car red", "input_image": IMAGE}
     body = _post(fetched_server, minimal).json()
     assert body["status"] == "succeeded", body
@@ -133,7 +133,7 @@ def test_every_optional_input_absent_or_null_is_what_the_schema_says(fetched_ser
             assert r.status_code == 422, (name, r.text)
             assert {tuple(d["loc"]) for d in r.json()["detail"]} == {("body", "input", name)}, r.text
     nullable = [name for name in optional if schema["properties"][name].get("nullable")]
-    assert nullable == ["input_images", "seed", "lora_weights"]
+    assert nullable == ["input_images", "mask", "seed", "lora_weights"]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageFile
 import pytest
+import torch
 
 from flux import images
 from flux.errors import InvalidInputError
@@ -106,3 +107,69 @@ def test_save_image_leaves_nothing_when_encoding_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         images.save_image(IMAGE, tmp_path, "png", 80)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- masks: any mode, read as its luminance (white edits, black keeps) ---------------------------------------
+
+
+def load_mask(tmp_path, data: bytes) -> PIL.Image.Image:
+    path = tmp_path / "mask"
+    path.write_bytes(data)
+    return images.load_mask(path)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_each_case_reads_as_a_mask_or_fails_naming_mask(tmp_path, name):
+    case = CASES[name]
+    if isinstance(case.expect, tuple):
+        mask = load_mask(tmp_path, case.build())
+        assert mask.mode == "L" and mask.size == case.expect
+    else:
+        with pytest.raises(InvalidInputError) as e:
+            load_mask(tmp_path, case.build())
+        assert e.value.name == "mask" and str(e.value).startswith("mask ") and case.expect in str(e.value)
+
+
+def half(mode: str, left, right) -> PIL.Image.Image:
+    """A 64×48 image in `mode`: `left` on the left half, `right` on the right half."""
+    img = PIL.Image.new(mode, (64, 48), left)
+    img.paste(right, (32, 0, 64, 48))
+    return img
+
+
+@pytest.mark.parametrize(
+    "img,edited_side",
+    [
+        (half("RGB", (0, 0, 0), (255, 255, 255)), "right"),
+        (half("RGB", (255, 140, 140), (20, 20, 200)), "left"),  # luma: pink 174, dark blue 40 (below 128)
+        (half("RGB", (250, 250, 60), (255, 0, 0)), "left"),  # yellow 229 edits, pure red 76 keeps
+        (half("RGBA", (255, 255, 255, 0), (255, 255, 255, 255)), "right"),  # transparent counts as black
+        (half("LA", (255, 0), (255, 255)), "right"),
+        (half("1", 0, 1), "right"),
+        (half("I;16", 0, 65535), "right"),
+        (half("I;16", 65535, 20000), "left"),  # 20000/65535 of white is below half grey: not clipped to white
+        (half("CMYK", (0, 0, 0, 255), (0, 0, 0, 0)), "right"),
+        (half("L", 127, 128), "right"),  # half grey is the threshold
+    ],
+    ids=["rgb", "colour", "yellow-red", "rgba", "la", "1-bit", "16-bit", "16-bit-dark", "cmyk", "threshold"],
+)
+def test_a_mask_in_any_mode_reads_as_its_luminance(tmp_path, img, edited_side):
+    mask = images.mask_to_tensor(img, 64, 48)
+    assert mask.shape == (1, 1, 48, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    left, right = mask[..., :32], mask[..., 32:]
+    edited, kept = (right, left) if edited_side == "right" else (left, right)
+    assert bool((edited == 1).all()) and bool((kept == 0).all())
+    # The same through a file (TIFF stores every one of these modes losslessly).
+    assert torch.equal(images.mask_to_tensor(load_mask(tmp_path, encode(img, "TIFF")), 64, 48), mask)
+
+
+def test_palette_mask_with_transparency(tmp_path):
+    img = half("RGBA", (255, 255, 255, 0), (255, 255, 255, 255)).convert("P")
+    mask = images.mask_to_tensor(load_mask(tmp_path, encode(img, "PNG", transparency=img.getpixel((0, 0)))), 64, 48)
+    assert bool((mask[..., 32:] == 1).all()) and bool((mask[..., :32] == 0).all())
+
+
+def test_a_mask_of_another_size_is_resized_to_the_output():
+    mask = images.mask_to_tensor(half("L", 0, 255), 128, 32)
+    assert mask.shape == (1, 1, 32, 128)
+    assert bool((mask[..., :60] == 0).all()) and bool((mask[..., 68:] == 1).all())

@@ -13,7 +13,18 @@ import pytest
 
 from flux import images, sampling
 from flux.lora import MAX_LORA_STRENGTH, MIN_LORA_STRENGTH, LoraRequest
-from flux.pipeline import MAX_EXTRA_IMAGES, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, MultiImageMode
+from flux.pipeline import (
+    MAX_EXTRA_IMAGES,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_STRENGTH,
+    MIN_GUIDANCE,
+    MIN_STEPS,
+    MIN_STRENGTH,
+    EditRequest,
+    MultiImageMode,
+)
 from flux.taylor_seer_utils import SCHEDULE_NAMES
 from script.openapi_schema import (
     UNSET,
@@ -34,6 +45,10 @@ CONSTANTS = {
     ("input_images", "default"): None,
     ("multi_image_mode", "choices"): [mode.value for mode in MultiImageMode],
     ("multi_image_mode", "default"): MultiImageMode.STITCH.value,
+    ("mask", "default"): None,
+    ("strength", "ge"): MIN_STRENGTH,
+    ("strength", "le"): MAX_STRENGTH,
+    ("strength", "default"): EditRequest.__dataclass_fields__["strength"].default,
     ("aspect_ratio", "choices"): images.ASPECT_RATIOS,
     ("aspect_ratio", "default"): images.MATCH_INPUT_IMAGE,
     ("megapixels", "choices"): list(MEGAPIXELS),
@@ -106,7 +121,7 @@ def test_the_schema_has_what_the_server_serves():
     props = schema["Input"]["properties"]
     assert schema["Input"]["required"] == ["prompt", "input_image"]
     assert props["seed"] == {
-        "x-order": 8,
+        "x-order": 10,
         "title": "Seed",
         "type": "integer",
         "nullable": True,
@@ -117,6 +132,8 @@ def test_the_schema_has_what_the_server_serves():
     }
     assert schema["aspect_ratio"]["enum"] == images.ASPECT_RATIOS and schema["aspect_ratio"]["type"] == "string"
     assert props["input_images"]["type"] == "array" and props["input_images"]["items"]["format"] == "uri"
+    assert props["mask"]["format"] == "uri" and props["mask"]["nullable"] is True
+    assert (props["strength"]["minimum"], props["strength"]["maximum"], props["strength"]["default"]) == (0, 1, 1)
     assert schema["Output"] == {"type": "string", "format": "uri", "title": "Output"}
 
 
