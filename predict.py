@@ -97,11 +97,16 @@ class Predictor(BaseRunner):
             ],
             default="auto",
         ),
-        lora_weights: str | None = Input(
-            description="A LoRA for this edit: an http(s) URL or data URI of a .safetensors file, or a hub id owner/name.",
+        lora_weights: list[str] | None = Input(
+            description="Up to 3 LoRAs for this edit, as a list: each an http(s) URL or data URI of a .safetensors file, or a hub id owner/name. They stay loaded while the next requests ask for the same ones.",
             default=None,
         ),
-        lora_strength: float = Input(description="How strongly the LoRA applies.", ge=-1, le=3, default=1.0),
+        lora_strength: list[float] | None = Input(
+            description="How strongly each LoRA applies, as a list in the order of lora_weights, each from -1 to 3; left out, 1 for each.",
+            ge=-1,
+            le=3,
+            default=None,
+        ),
     ) -> Path:
         inputs = Inputs(
             prompt=prompt,

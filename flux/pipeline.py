@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import logging
@@ -16,7 +15,7 @@ import torch
 
 from flux import clock, images, sampling
 from flux.errors import InvalidInputError
-from flux.lora import MAX_LORA_STRENGTH, MIN_LORA_STRENGTH, LoraRequest, LoraSlot
+from flux.lora import LoraRequest, LoraSlot, check_strengths
 from flux.model import FluxComponents, load_components
 from flux.optimize import Accelerations, optimize
 from flux.taylor_seer_utils import (
@@ -67,7 +66,7 @@ class EditRequest:
     extra_images: tuple[PIL.Image.Image, ...] = ()  # up to MAX_EXTRA_IMAGES more reference images
     multi_image_mode: MultiImageMode = MultiImageMode.STITCH
     megapixels: float = 1.0  # one of images.MEGAPIXELS
-    lora: LoraRequest | None = None
+    loras: tuple[LoraRequest, ...] = ()  # up to MAX_LORAS, fused in this order, each at its strength
     mask: PIL.Image.Image | None = None  # any mode, read as its luminance: white is edited, black kept
     strength: float = 1.0  # MIN_STRENGTH..MAX_STRENGTH: how far into the noise the edit starts
 
@@ -117,14 +116,7 @@ class EditRequest:
                 f"needs aspect_ratio {images.MATCH_INPUT_IMAGE}: the edit starts from, or keeps, the input image at "
                 f"its own size (got aspect_ratio {self.aspect_ratio})",
             )
-        if self.lora is not None:
-            strength = self.lora.strength
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-                raise InvalidInputError("lora_strength", f"must be a number, got {strength!r}")
-            if not MIN_LORA_STRENGTH <= strength <= MAX_LORA_STRENGTH:
-                raise InvalidInputError(
-                    "lora_strength", f"must be between {MIN_LORA_STRENGTH} and {MAX_LORA_STRENGTH}, got {strength}"
-                )
+        check_strengths([item.strength for item in self.loras])
 
     def uses_input_latents(self) -> bool:
         """Whether the trajectory starts from, or keeps part of, the input image (a mask, or strength below 1)."""
@@ -167,6 +159,7 @@ class EditResult:
     context_tokens: int = 0  # packed tokens of the reference image(s)
     steps: int = 0  # denoising steps run: num_inference_steps, fewer at a strength below 1, 0 when none was needed
     edited_fraction: float = 1.0  # share of the output's latent pixels the mask lets the edit change
+    lora_reused: bool | None = None  # whether the request's LoRAs were fused already; None: no LoRA ran
 
 
 class KontextEditor:
@@ -286,25 +279,27 @@ class KontextEditor:
         steps = len(timesteps) - 1
         if why := _nothing_to_edit(request, inputs.source, steps):
             logger.warning("%s: the output is the input image through the VAE", why)
-            tokens, calls, steps = inputs.source.latents, 0, 0
+            tokens, calls, steps, lora_reused = inputs.source.latents, 0, 0, None
         else:
             step_map = generate_compute_step_map(request.acceleration, steps)
             order = request.n_derivatives
             if order is None:
                 order = default_order(request.acceleration)
-            with self.lora.applied(request.lora) if request.lora else contextlib.nullcontext({}) as lora_seconds:
-                t0 = self._now()
-                tokens = sampling.denoise(
-                    self.components.transformer,
-                    inputs,
-                    timesteps,
-                    request.guidance,
-                    step_map,
-                    TaylorSeerConfig(order=order),
-                    on_step,
-                )
-                seconds["denoise"] = self._now() - t0
-            seconds.update(lora_seconds)
+            # The request's LoRAs (or none) in the weights: kept from the last request when it had the same ones.
+            lora_use = self.lora.use(request.loras)
+            seconds.update(lora_use.seconds)
+            lora_reused = lora_use.reused if request.loras else None
+            t0 = self._now()
+            tokens = sampling.denoise(
+                self.components.transformer,
+                inputs,
+                timesteps,
+                request.guidance,
+                step_map,
+                TaylorSeerConfig(order=order),
+                on_step,
+            )
+            seconds["denoise"] = self._now() - t0
             calls = sum(step_map)
         latents = sampling.unpack(tokens, inputs.latent_height, inputs.latent_width)
 
@@ -321,6 +316,7 @@ class KontextEditor:
             context_tokens=inputs.context.shape[1],
             steps=steps,
             edited_fraction=_edited_fraction(inputs.source),
+            lora_reused=lora_reused,
         )
 
     def _source(

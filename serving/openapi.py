@@ -1,4 +1,5 @@
-"""Make the Cog server accept `null` for the inputs its schema says may be null.
+"""Make the Cog server accept `null` for the inputs its schema says may be null, and check the items of a list
+input against the bounds its schema gives.
 
 `cog build` marks an input declared `X | None` with OpenAPI 3.0's `"nullable": true` (replicate/cog
 pkg/schema/openapi_spec.go), which means that `null` is a valid value. coglet validates requests with a JSON
@@ -14,6 +15,12 @@ branch accepts `null` (`{"enum": [null], "nullable": true}`, valid OpenAPI 3.0 a
 default and order stay where they were. Nothing else in the document changes, and a rewritten input is left as
 it is, so running this twice changes nothing. tests/test_deploy.py checks, through the real server, that every
 input the schema marks nullable takes `null`, and that every other one refuses it with a 422 naming it.
+
+A list input with `ge`/`le` (`list[float]`: lora_strength) gets them as the array's own `minimum`/`maximum`
+(openapi_spec.go writes an input's bounds beside its type, whatever the type), where JSON Schema applies them
+to numbers only: coglet lets any item through. Cog's Python SDK checks such bounds on every item
+(cog/_inspector.py), which is what they mean; so setup moves them into `items`, where coglet checks each item and
+answers one out of range with a 422 naming the input.
 """
 
 from __future__ import annotations
@@ -41,17 +48,36 @@ def accept_null(schema: dict) -> dict:
     return schema
 
 
-def accept_null_in_schema_file(path: Path = SCHEMA_FILE) -> None:
+def bound_list_items(schema: dict) -> dict:
+    """`schema` (an OpenAPI document from `cog build`) with the bounds of every list input on its items."""
+    properties = schema.get("components", {}).get("schemas", {}).get("Input", {}).get("properties", {})
+    for prop in properties.values():
+        if prop.get("type") == "array" and isinstance(prop.get("items"), dict):
+            for key in ("minimum", "maximum"):
+                if key in prop:
+                    prop["items"][key] = prop.pop(key)
+    return schema
+
+
+def for_coglet(schema: dict) -> dict:
+    """`schema` as coglet is given it: list items bounded, then `null` accepted where it is nullable."""
+    return accept_null(bound_list_items(schema))
+
+
+def restate_schema_file(path: Path = SCHEMA_FILE) -> None:
     """Rewrite the schema file coglet is about to read (see the module docstring); atomic. Without one (not
-    under the Cog server) nothing happens; one that cannot be rewritten leaves `null` refused, with a warning."""
+    under the Cog server) nothing happens; one that cannot be rewritten leaves `null` refused and list items
+    unchecked, with a warning."""
     if not path.is_file():
         logger.info("no %s here: inputs are not validated by a Cog server", path)
         return
     try:
         schema = json.loads(path.read_text())
-        text = json.dumps(accept_null(schema))
+        text = json.dumps(for_coglet(schema))
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         partial.write_text(text)
         os.replace(partial, path)
     except (OSError, ValueError) as e:
-        logger.warning("could not rewrite %s (%s): null stays refused for nullable inputs", path, e)
+        logger.warning(
+            "could not rewrite %s (%s): null stays refused for nullable inputs, list items unchecked", path, e
+        )

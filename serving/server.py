@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flux import images, optimize, safety, sampling
+from flux import images, lora, optimize, safety, sampling
 from flux.errors import InvalidInputError, UnsafeOutputError
 from flux.hardware import serving_device
-from flux.lora import LoraRequest
 from flux.pipeline import EditRequest, EditResult, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.weights import resolve_weights_dir, weights_directory
@@ -58,8 +57,8 @@ class Inputs:
     disable_safety_checker: bool
     go_fast: bool
     acceleration: str
-    lora_weights: str | None
-    lora_strength: float
+    lora_weights: list[str] | None
+    lora_strength: list[float] | None
 
 
 class EditServer:
@@ -67,8 +66,9 @@ class EditServer:
 
     def __init__(self) -> None:
         _log_server_versions()
-        # The schema coglet validates with, read when setup ends: `null` accepted where it says nullable.
-        openapi.accept_null_in_schema_file()
+        # The schema coglet validates with, read when setup ends: `null` accepted where it says nullable, the
+        # items of list inputs checked against their bounds.
+        openapi.restate_schema_file()
         # Input URLs: public hosts only, a total deadline and a size cap; failed fetches leave no file behind.
         downloads.limit_cog_downloads()
         # A GPU, unless the weights already here are a test model or FLUX_DEVICE=cpu: checked before any fetch,
@@ -113,9 +113,7 @@ class EditServer:
         acceleration = inputs.acceleration
         if acceleration == AUTO:
             acceleration = AccelerationLevel.GO_REALLY_FAST if inputs.go_fast else AccelerationLevel.NONE
-        lora = None
-        if inputs.lora_weights and inputs.lora_weights.strip():
-            lora = LoraRequest(self.lora_cache.resolve(inputs.lora_weights), inputs.lora_strength)
+        loras = self.loras(inputs.lora_weights or [], inputs.lora_strength)
         request = EditRequest(
             prompt=inputs.prompt,
             image=image,
@@ -127,12 +125,33 @@ class EditServer:
             extra_images=extras,
             multi_image_mode=inputs.multi_image_mode,
             megapixels=MEGAPIXELS.get(inputs.megapixels, inputs.megapixels),
-            lora=lora,
+            loras=loras,
             mask=mask,
             strength=inputs.strength,
         )
         request.validate()
         return request.with_seed()
+
+    def loras(self, sources: list, strengths: list | None) -> tuple[lora.LoraRequest, ...]:
+        """lora_weights and lora_strength (one per LoRA, in the same order; left out: each the default) as local
+        files and strengths. Counts and strengths are checked before anything is fetched."""
+        if strengths is None:
+            strengths = [lora.LoraRequest.__dataclass_fields__["strength"].default] * len(sources)
+        if len(strengths) != len(sources):
+            raise InvalidInputError(
+                "lora_strength",
+                f"holds {len(strengths)} values for {len(sources)} LoRAs: one per LoRA in lora_weights, in its order",
+            )
+        lora.check_strengths(strengths)
+        loras = []
+        for i, (source, strength) in enumerate(zip(sources, strengths, strict=True)):
+            try:
+                if not isinstance(source, str) or not source.strip():
+                    raise InvalidInputError(lora.INPUT, "is blank: leave lora_weights out (or null) for no LoRA")
+                loras.append(lora.LoraRequest(self.lora_cache.resolve(source), strength))
+            except InvalidInputError as e:
+                raise (e.for_item(i) if len(sources) > 1 else e) from None
+        return tuple(loras)
 
     def predict(self, inputs: Inputs, record_metric: RecordMetric) -> pathlib.Path:
         """Run one prediction and return the output file."""
@@ -198,5 +217,9 @@ def record(record_metric: RecordMetric, request: EditRequest, result: EditResult
     record_metric("context_tokens", result.context_tokens)
     if request.mask is not None:
         record_metric("edited_fraction", round(result.edited_fraction, 4))
+    if request.loras:
+        record_metric("loras", len(request.loras))
+    if result.lora_reused is not None:
+        record_metric("lora_reused", result.lora_reused)
     for phase, seconds in result.seconds.items():
         record_metric(f"seconds.{phase}", round(seconds, 4))

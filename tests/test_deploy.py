@@ -20,7 +20,7 @@ from flux import weight_archives as wa
 from flux.model import RANDOM_WEIGHTS_MARKER
 from script.openapi_schema import build_schema
 from script.pack_weights import pack
-from serving.openapi import accept_null
+from serving.openapi import for_coglet
 from tests.archive_server import ArchiveServer, Body
 from tests.cog_server import ROOT, data_uri, decode_output, free_port, running_server
 from tests.conftest import make_image
@@ -99,9 +99,13 @@ def test_setup_logs_where_the_weights_came_from_and_the_runtime(fetched_server):
     assert "loaded and prepared the model on cpu in" in logs
 
 
-def test_the_server_serves_the_schema_cog_builds_with_null_accepted_where_it_is_nullable(fetched_server):
+def test_the_server_serves_the_schema_cog_builds_with_null_accepted_and_list_items_bounded(fetched_server):
     served = requests.get(f"{fetched_server.url}/openapi.json", timeout=10).json()
-    assert served == accept_null(build_schema())
+    assert served == for_coglet(build_schema())
+    assert served["components"]["schemas"]["Input"]["properties"]["lora_strength"]["anyOf"][0] == {
+        "type": "array",
+        "items": {"type": "number", "minimum": -1, "maximum": 3},
+    }
     assert "/predictions" in served["paths"] and "PredictionResponse" in served["components"]["schemas"]
 
 
@@ -133,7 +137,7 @@ def test_every_optional_input_absent_or_null_is_what_the_schema_says(fetched_ser
             assert r.status_code == 422, (name, r.text)
             assert {tuple(d["loc"]) for d in r.json()["detail"]} == {("body", "input", name)}, r.text
     nullable = [name for name in optional if schema["properties"][name].get("nullable")]
-    assert nullable == ["input_images", "mask", "seed", "lora_weights"]
+    assert nullable == ["input_images", "mask", "seed", "lora_weights", "lora_strength"]
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,22 @@ def lora_bytes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def http(lora_bytes):
-    server = LocalHTTP({"/lora.safetensors": (lora_bytes, "application/octet-stream")})
+def second_lora_bytes(tmp_path_factory):
+    return write_tiny_lora(tmp_path_factory.mktemp("second"), seed=2, rank=2, alpha=2.0).read_bytes()
+
+
+def lora_uri(data: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def http(lora_bytes, second_lora_bytes):
+    server = LocalHTTP(
+        {
+            "/lora.safetensors": (lora_bytes, "application/octet-stream"),
+            "/second.safetensors": (second_lora_bytes, "application/octet-stream"),
+        }
+    )
     yield server
     server.close()
 
@@ -80,39 +94,106 @@ def test_metrics_are_in_the_prediction(server):
 def test_a_lora_changes_the_image_and_leaks_into_nothing_after_it(server, private_server, http):
     never_saw_a_lora = output_bytes(succeeded(server))
     before = output_bytes(succeeded(private_server))
-    with_lora = succeeded(private_server, lora_weights=f"{http.url}/lora.safetensors", lora_strength=1.0)
-    after = output_bytes(succeeded(private_server))
-    assert before == never_saw_a_lora == after
+    with_lora = succeeded(private_server, lora_weights=[f"{http.url}/lora.safetensors"], lora_strength=[1.0])
+    after = succeeded(private_server)
+    assert before == never_saw_a_lora == output_bytes(after)
     assert output_bytes(with_lora) != before
-    assert {"lora_load", "lora_unload"} <= set(with_lora["metrics"]["seconds"])
+    assert "lora_load" in with_lora["metrics"]["seconds"] and "lora_unload" in after["metrics"]["seconds"]
+    assert with_lora["metrics"]["loras"] == 1 and with_lora["metrics"]["lora_reused"] is False
+    assert "loras" not in after["metrics"] and "lora_reused" not in after["metrics"]
     # the second use comes from the cache
-    again = succeeded(private_server, lora_weights=f"{http.url}/lora.safetensors", lora_strength=1.0)
+    again = succeeded(private_server, lora_weights=[f"{http.url}/lora.safetensors"])  # strength 1 when left out
     assert output_bytes(again) == output_bytes(with_lora)
     assert http.requested.count("/lora.safetensors") == 1
 
 
+def test_two_loras_apply_and_leave_no_trace(private_server, http):
+    a, b = f"{http.url}/lora.safetensors", f"{http.url}/second.safetensors"
+    plain = output_bytes(succeeded(private_server, **DRAFT))
+    one = succeeded(private_server, lora_weights=[a], **DRAFT)
+    two = succeeded(private_server, lora_weights=[a, b], lora_strength=[1.0, 0.5], **DRAFT)
+    assert two["metrics"]["loras"] == 2 and two["metrics"]["lora_reused"] is False
+    assert len({plain, output_bytes(one), output_bytes(two)}) == 3
+    assert output_bytes(succeeded(private_server, **DRAFT)) == plain
+
+
+def test_a_warm_lora_is_reused_and_any_order_gives_the_same_images(
+    server, private_server, http, lora_bytes, second_lora_bytes
+):
+    """A, A, none, B, A through one server: the second A finds A still fused (nothing unfused or fused again);
+    every image is byte-identical to the same request on another server, asked in another order (B, none, A)."""
+    a = {"lora_weights": [f"{http.url}/lora.safetensors"], **DRAFT}
+    b = {
+        "lora_weights": [f"{http.url}/lora.safetensors", f"{http.url}/second.safetensors"],
+        "lora_strength": [0.5, 1.0],
+        **DRAFT,
+    }
+    bodies = [succeeded(private_server, **inputs) for inputs in (a, a, DRAFT, b, a)]
+    assert [body["metrics"].get("lora_reused") for body in bodies] == [False, True, None, False, False]
+    phases = [{k for k in body["metrics"]["seconds"] if k.startswith("lora")} for body in bodies]
+    assert phases == [{"lora_load"}, set(), {"lora_unload"}, {"lora_load"}, {"lora_unload", "lora_load"}]
+    outputs = [output_bytes(body) for body in bodies]
+    assert outputs[0] == outputs[1] == outputs[4] and len(set(outputs)) == 3
+    elsewhere = [
+        succeeded(server, **{**b, "lora_weights": [lora_uri(lora_bytes), lora_uri(second_lora_bytes)]}),
+        succeeded(server, **DRAFT),
+        succeeded(server, **{**a, "lora_weights": [lora_uri(lora_bytes)]}),
+    ]
+    assert [output_bytes(body) for body in elsewhere] == [outputs[3], outputs[2], outputs[0]]
+
+
 def test_a_lora_url_on_loopback_needs_private_urls_allowed(server, http):
-    error = failed(server, lora_weights=f"{http.url}/lora.safetensors")
+    error = failed(server, lora_weights=[f"{http.url}/lora.safetensors"])
     assert error.startswith("lora_weights ") and "not on the public internet" in error
 
 
 def test_a_lora_as_a_data_uri(server, lora_bytes):
-    uri = "data:application/octet-stream;base64," + base64.b64encode(lora_bytes).decode()
     plain = output_bytes(succeeded(server))
-    assert output_bytes(succeeded(server, lora_weights=uri, lora_strength=0.5)) != plain
+    assert output_bytes(succeeded(server, lora_weights=[lora_uri(lora_bytes)], lora_strength=[0.5])) != plain
     assert output_bytes(succeeded(server)) == plain
 
 
 def test_what_is_not_a_lora_for_this_model_is_named(server, lora_bytes, tmp_path):
-    garbage = "data:application/octet-stream;base64," + base64.b64encode(b"not a LoRA").decode()
+    garbage = lora_uri(b"not a LoRA")
     path = tmp_path / "lora.safetensors"
     path.write_bytes(lora_bytes)
     tensors = {k: v[: v.shape[0] // 2] if k.endswith("lora_B.weight") else v for k, v in load_file(path).items()}
     save_file(tensors, path)
-    wrong_shape = "data:application/octet-stream;base64," + base64.b64encode(path.read_bytes()).decode()
+    wrong_shape = lora_uri(path.read_bytes())
     for value, says in [(garbage, "not a readable"), (wrong_shape, "does not fit"), ("no such thing", "must be")]:
-        error = failed(server, lora_weights=value)
+        error = failed(server, lora_weights=[value])
         assert error.startswith("lora_weights ") and says in error, error
+
+
+@pytest.mark.parametrize(
+    "inputs,field",
+    [
+        ({"lora_weights": "https://example.com/lora.safetensors"}, "lora_weights"),  # a list, not a string
+        ({"lora_weights": [1]}, "lora_weights"),
+        ({"lora_strength": 1.0}, "lora_strength"),
+        ({"lora_strength": [3.5]}, "lora_strength"),  # each item's bounds: serving/openapi.py
+        ({"lora_strength": [1.0, -1.5]}, "lora_strength"),
+        ({"lora_strength": ["1"]}, "lora_strength"),
+    ],
+    ids=["string", "number-item", "number", "above-maximum", "below-minimum", "string-item"],
+)
+def test_lora_inputs_of_the_wrong_shape_get_a_422_naming_them(server, inputs, field):
+    response = server.predict({**BASE, **inputs})
+    assert response.status_code == 422, response.text
+    assert [d["loc"] for d in response.json()["detail"]] == [["body", "input", field]]
+
+
+def test_bad_lora_lists_are_named_with_the_item(server, lora_bytes):
+    one = lora_uri(lora_bytes)
+    for inputs, says in [
+        ({"lora_weights": [one] * 4}, "lora_weights holds at most 3 LoRAs, got 4"),
+        ({"lora_weights": [one, " "]}, "lora_weights item 2 is blank"),
+        ({"lora_weights": [one, lora_uri(b"junk")]}, "lora_weights item 2 is not a readable .safetensors file"),
+        ({"lora_weights": [one, "no such thing"]}, "lora_weights item 2 must be an http(s) URL"),
+        ({"lora_weights": [one], "lora_strength": [1.0, 1.0]}, "lora_strength holds 2 values for 1 LoRAs"),
+        ({"lora_strength": [1.0]}, "lora_strength holds 1 values for 0 LoRAs"),
+    ]:
+        assert failed(server, **inputs).startswith(says)
 
 
 @pytest.mark.parametrize("mode", ["stitch", "separate"])
