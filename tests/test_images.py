@@ -14,22 +14,28 @@ from tests.hostile_files import CASES, animated_gif, encode, rgba
 IMAGE = make_image(200, 150)
 
 
-def load(tmp_path, data: bytes) -> PIL.Image.Image:
+def load(tmp_path, data: bytes, loader=images.load_image) -> PIL.Image.Image:
     path = tmp_path / "input"
     path.write_bytes(data)
-    return images.load_image(path)
+    return loader(path)
 
 
+def load_mask(tmp_path, data: bytes) -> PIL.Image.Image:
+    return load(tmp_path, data, images.load_mask)
+
+
+@pytest.mark.parametrize("loader,mode,input_name", [(load, "RGB", "input_image"), (load_mask, "L", "mask")])
 @pytest.mark.parametrize("name", CASES)
-def test_each_case_decodes_upright_or_fails_naming_the_input(tmp_path, name):
+def test_each_case_decodes_upright_or_fails_naming_the_input(tmp_path, name, loader, mode, input_name):
+    """As an input image (RGB) and as a mask (its luminance)."""
     case = CASES[name]
     if isinstance(case.expect, tuple):
-        img = load(tmp_path, case.build())
-        assert img.mode == "RGB" and img.size == case.expect
+        img = loader(tmp_path, case.build())
+        assert img.mode == mode and img.size == case.expect
     else:
         with pytest.raises(InvalidInputError) as e:
-            load(tmp_path, case.build())
-        assert str(e.value).startswith("input_image ") and case.expect in str(e.value)
+            loader(tmp_path, case.build())
+        assert e.value.name == input_name and str(e.value).startswith(f"{input_name} ") and case.expect in str(e.value)
         assert str(tmp_path) not in str(e.value)
 
 
@@ -110,24 +116,6 @@ def test_save_image_leaves_nothing_when_encoding_fails(tmp_path, monkeypatch):
 
 
 # ---- masks: any mode, read as its luminance (white edits, black keeps) ---------------------------------------
-
-
-def load_mask(tmp_path, data: bytes) -> PIL.Image.Image:
-    path = tmp_path / "mask"
-    path.write_bytes(data)
-    return images.load_mask(path)
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_each_case_reads_as_a_mask_or_fails_naming_mask(tmp_path, name):
-    case = CASES[name]
-    if isinstance(case.expect, tuple):
-        mask = load_mask(tmp_path, case.build())
-        assert mask.mode == "L" and mask.size == case.expect
-    else:
-        with pytest.raises(InvalidInputError) as e:
-            load_mask(tmp_path, case.build())
-        assert e.value.name == "mask" and str(e.value).startswith("mask ") and case.expect in str(e.value)
 
 
 def half(mode: str, left, right) -> PIL.Image.Image:

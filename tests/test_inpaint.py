@@ -127,13 +127,13 @@ def latents_outside(result, mask) -> torch.Tensor:
     return result.latents[:, :, small[0, 0] == 0]
 
 
-@pytest.mark.parametrize("level,calls", [("none", 8), ("go really fast", 7)])
-def test_outside_the_mask_the_latents_are_the_input_images_at_every_level(editor, level, calls):
+def test_outside_the_mask_the_latents_are_the_input_images_with_taylor_seer(editor):
     """The kept region is put back on every step, extrapolated ones too: the final latents there are the input
-    image's own, bit for bit (decoding mixes them with the edited ones only through the VAE)."""
+    image's own, bit for bit (decoding mixes them with the edited ones only through the VAE). Level none: the
+    measuring tool's test below."""
     round_trip = editor.edit(request(box_mask(white=0), 1.0))  # nothing to edit: the input's own latents
-    masked = editor.edit(request(MASK, 1.0, num_inference_steps=8, acceleration=level))
-    assert masked.transformer_calls == calls
+    masked = editor.edit(request(MASK, 1.0, num_inference_steps=8, acceleration="go really fast"))
+    assert masked.transformer_calls == 7
     assert torch.equal(latents_outside(masked, MASK), latents_outside(round_trip, MASK))
     inside_change = rel(masked.latents, round_trip.latents)
     assert inside_change > 0.1
@@ -179,7 +179,7 @@ def test_strength_below_one_starts_from_the_input_and_runs_fewer_steps(editor):
     width, height = SIZE
     noise = sampling.pack(sampling.make_noise(SEED, (1, 16, height // 8, width // 8)))
     distances = []
-    for strength, steps in [(0.25, 1), (0.5, 2), (1.0, 4)]:
+    for strength, steps in [(0.5, 2), (1.0, 4)]:
         seen = []
         result = editor.edit(request(None, strength), on_step=seen.append)
         assert result.steps == result.transformer_calls == len(seen) == steps
@@ -223,6 +223,6 @@ def test_bad_masks_and_strengths_are_named(editor, kw, name, says):
 
 
 def test_the_measuring_tool_finds_the_latents_outside_the_mask_untouched(editor):
-    row = inpaint.measure(editor, IMAGE, PROMPT, steps=4)
+    row = inpaint.measure(editor, IMAGE, PROMPT, steps=4)  # at level none
     assert row["latents outside: masked vs round trip (max)"] == 0
     assert row["outside: masked vs round trip"] < row["outside: unmasked vs round trip"]

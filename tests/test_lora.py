@@ -175,47 +175,35 @@ def test_the_same_loras_stay_fused_and_give_the_same_edit(fresh_editor, lora_fil
     assert torch.equal(warm.latents, cold.latents) and warm.image.tobytes() == cold.image.tobytes()
     # Another strength, another order, or none: restored first, then fused as asked.
     for loras, fused in [(both[:1], 3), ((both[1], both[0]), 5), ((), 5)]:
-        result = draft(fresh_editor, *loras)
-        assert result.lora_reused is (False if loras else None) and calls["fuse"] == fused
-        assert "lora_unload" in result.seconds
+        use = fresh_editor.lora.use(loras)
+        assert use.reused is False and calls["fuse"] == fused and "lora_unload" in use.seconds
     assert calls["restore"] == 3
-
-
-def test_any_order_of_requests_gives_the_same_images(tiny_dir, lora_file, second_lora):
-    """A, A, none, B, A on one editor; B, then none, on another: the same request gives the same image
-    whatever came before it (the first A came before anything)."""
-    a, b = (LoraRequest(lora_file, 1.0),), (LoraRequest(lora_file, 0.5), LoraRequest(second_lora, 1.0))
-    served = KontextEditor.from_pretrained(tiny_dir, device="cpu")
-    results = [draft(served, *loras) for loras in (a, a, (), b, a)]
-    assert [r.lora_reused for r in results] == [False, True, None, False, False]
-    other = KontextEditor.from_pretrained(tiny_dir, device="cpu")
-    for result, alone in zip((results[3], results[2]), (draft(other, *b), draft(other)), strict=True):
-        assert torch.equal(result.latents, alone.latents) and result.image.tobytes() == alone.image.tobytes()
-    assert all(torch.equal(results[0].latents, results[i].latents) for i in (1, 4))
 
 
 def test_a_file_fetched_again_is_fused_again(fresh_editor, lora_file, tmp_path):
     copy = tmp_path / "lora.safetensors"
     copy.write_bytes(lora_file.read_bytes())
-    assert draft(fresh_editor, LoraRequest(copy, 1.0)).lora_reused is False
-    assert draft(fresh_editor, LoraRequest(copy, 1.0)).lora_reused is True
+    slot = fresh_editor.lora
+    assert [slot.use([LoraRequest(copy, 1.0)]).reused for _ in range(2)] == [False, True]
     replacement = tmp_path / "new.partial"
     replacement.write_bytes(lora_file.read_bytes())
     replacement.replace(copy)  # as the server's cache puts a fetched file in place: another file, same name
-    assert draft(fresh_editor, LoraRequest(copy, 1.0)).lora_reused is False
+    assert slot.use([LoraRequest(copy, 1.0)]).reused is False
+    slot.restore()
 
 
 def test_a_bad_second_lora_is_named_and_changes_nothing(fresh_editor, lora_file, tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a LoRA")
-    warm = draft(fresh_editor, LoraRequest(lora_file, 1.0))
+    slot = fresh_editor.lora
+    slot.use([LoraRequest(lora_file, 1.0)])
     state = {k: v.clone() for k, v in fresh_editor.components.transformer.state_dict().items()}
     with pytest.raises(InvalidInputError, match="^lora_weights item 2 is not a readable .safetensors file"):
-        draft(fresh_editor, LoraRequest(lora_file, 1.0), LoraRequest(garbage, 1.0))
+        slot.use([LoraRequest(lora_file, 1.0), LoraRequest(garbage, 1.0)])
     after = fresh_editor.components.transformer.state_dict()
     assert all(torch.equal(after[k], v) for k, v in state.items())  # the warm LoRA still in place, untouched
-    again = draft(fresh_editor, LoraRequest(lora_file, 1.0))
-    assert again.lora_reused is True and torch.equal(again.latents, warm.latents)
+    assert slot.use([LoraRequest(lora_file, 1.0)]).reused is True
+    slot.restore()
 
 
 def test_a_failure_while_fusing_leaves_the_original_weights(fresh_editor, lora_file, second_lora, monkeypatch):
