@@ -31,6 +31,16 @@ class Predictor(BaseRunner):
             choices=["stitch", "separate"],
             default="stitch",
         ),
+        mask: Path | None = Input(
+            description="Where to edit: white is edited, black is kept (any size, resized to the output; colours read as their brightness, transparent as black). Needs aspect_ratio match_input_image.",
+            default=None,
+        ),
+        strength: float = Input(
+            description="How far into the noise the edit starts: 1 starts from noise; lower values start from the input image and keep more of it (only that share of the steps runs). Below 1 it needs aspect_ratio match_input_image.",
+            ge=0,
+            le=1,
+            default=1.0,
+        ),
         aspect_ratio: str = Input(
             description="Aspect ratio of the output. match_input_image keeps the input's (snapped to the nearest resolution Kontext was trained on).",
             choices=[
@@ -87,17 +97,24 @@ class Predictor(BaseRunner):
             ],
             default="auto",
         ),
-        lora_weights: str | None = Input(
-            description="A LoRA for this edit: an http(s) URL or data URI of a .safetensors file, or a hub id owner/name.",
+        lora_weights: list[str] | None = Input(
+            description="Up to 3 LoRAs for this edit, as a list: each an http(s) URL or data URI of a .safetensors file, or a hub id owner/name. They stay loaded while the next requests ask for the same ones.",
             default=None,
         ),
-        lora_strength: float = Input(description="How strongly the LoRA applies.", ge=-1, le=3, default=1.0),
+        lora_strength: list[float] | None = Input(
+            description="How strongly each LoRA applies, as a list in the order of lora_weights, each from -1 to 3; left out, 1 for each.",
+            ge=-1,
+            le=3,
+            default=None,
+        ),
     ) -> Path:
         inputs = Inputs(
             prompt=prompt,
             input_image=input_image,
             input_images=input_images,
             multi_image_mode=multi_image_mode,
+            mask=mask,
+            strength=strength,
             aspect_ratio=aspect_ratio,
             megapixels=megapixels,
             num_inference_steps=num_inference_steps,

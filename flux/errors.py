@@ -1,5 +1,7 @@
 """Errors the edit path raises for bad requests, bad weights and unsafe outputs."""
 
+from __future__ import annotations
+
 
 class InvalidInputError(ValueError):
     """A request input is invalid; the message names the input."""
@@ -8,6 +10,10 @@ class InvalidInputError(ValueError):
         self.name = name
         self.problem = problem
         super().__init__(f"{name} {problem}")
+
+    def for_item(self, index: int) -> InvalidInputError:
+        """The same problem with the list input's item `index` (0-based) named: `lora_weights item 2 is ...`."""
+        return InvalidInputError(self.name, f"item {index + 1} {self.problem}")
 
 
 class WeightsError(RuntimeError):

@@ -46,6 +46,11 @@ TRANSPARENT_BACKGROUND = (255, 255, 255)
 
 # Resizing and [-1, 1] normalisation exactly as diffusers' Kontext pipeline does them (Lanczos).
 _processor = VaeImageProcessor(vae_scale_factor=16)
+# Masks as diffusers' Kontext inpainting pipeline reads them: grey levels resized (Lanczos), then 0 below half
+# grey and 1 from half grey up.
+_mask_processor = VaeImageProcessor(
+    vae_scale_factor=16, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+)
 
 
 class OutputFormat(enum.StrEnum):
@@ -89,6 +94,18 @@ def load_image(path: str | os.PathLike, name: str = "input_image", draft: bool =
     Kontext size anyway. A 12 MP phone photo then decodes and resizes in about half the time
     (BENCHMARKS.md, host-side costs), and the context image differs by less than one grey level.
     """
+    return to_rgb(open_image(path, name, draft))
+
+
+def load_mask(path: str | os.PathLike, name: str = "mask") -> PIL.Image.Image:
+    """Open a mask image as its luminance (mode L: white edits, black keeps), checked and decoded as load_image
+    checks and decodes; see to_luminance for the other modes."""
+    return to_luminance(open_image(path, name))
+
+
+def open_image(path: str | os.PathLike, name: str, draft: bool = True) -> PIL.Image.Image:
+    """The decoded first frame of an image file, upright (EXIF orientation applied), in the file's own mode,
+    drafted as load_image describes. Raises InvalidInputError naming `name` as load_image describes."""
     if os.path.getsize(path) == 0:
         raise InvalidInputError(name, "could not be read as an image: the file is empty")
     with warnings.catch_warnings():
@@ -119,7 +136,7 @@ def load_image(path: str | os.PathLike, name: str = "input_image", draft: bool =
             # the file's path on this machine is not the client's business.
             reason = str(e).replace(str(path), "the file")
             raise InvalidInputError(name, f"could not be read as an image: the file is damaged ({reason})") from e
-    return to_rgb(img)
+    return img
 
 
 def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
@@ -128,11 +145,25 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
         # 16-bit grayscale: Pillow's own conversion clips every value above 255 to white.
         pixels = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
         return PIL.Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if _has_alpha(img):
         rgba = img.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))
         return PIL.Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _has_alpha(img: PIL.Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def to_luminance(img: PIL.Image.Image) -> PIL.Image.Image:
+    """The image's luminance as mode L (ITU-R 601-2 luma of its RGB, as Pillow converts). Transparent pixels
+    count as black: a mask drawn in white on a transparent layer edits where it is drawn. 16-bit images are
+    scaled to 8 bits, not clipped."""
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        return PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
+    return to_rgb(img).convert("L")
 
 
 def kontext_size(width: int, height: int) -> tuple[int, int]:
@@ -190,6 +221,12 @@ def stitch(imgs: list[PIL.Image.Image]) -> PIL.Image.Image:
 def image_to_tensor(img: PIL.Image.Image, width: int, height: int) -> torch.Tensor:
     """(1, 3, height, width) float32 in [-1, 1], resized with Lanczos."""
     return _processor.preprocess(_processor.resize(img, height, width), height, width)
+
+
+def mask_to_tensor(mask: PIL.Image.Image, width: int, height: int) -> torch.Tensor:
+    """(1, 1, height, width) float32: 1 where `mask` (any mode, read as its luminance) is at least half grey after
+    resizing (Lanczos), 0 elsewhere."""
+    return _mask_processor.preprocess(to_luminance(mask), height, width)
 
 
 def tensor_to_image(pixels: torch.Tensor) -> PIL.Image.Image:

@@ -1,27 +1,31 @@
-"""A LoRA for one request: read with diffusers' Flux LoRA support, fused into the transformer's weights for
-the edit, then taken out exactly.
+"""LoRAs for a request: read with diffusers' Flux LoRA support, fused into the transformer's weights, kept there
+while the next requests ask for the same ones, and taken out exactly when one asks for others or none.
 
-diffusers reads the file and converts the key formats it knows (diffusers/peft, kohya, XLabs, fal Kontext) to
+diffusers reads each file and converts the key formats it knows (diffusers/peft, kohya, XLabs, fal Kontext) to
 its own; peft injects the LoRA layers and merges them into the base weights (`fuse_lora`); the LoRA layers are
-then removed again (`unload_lora`), which leaves the plain modules with the merged weights. The transformer
-keeps its structure, so a compiled transformer runs the LoRA request without recompiling.
+then removed again (`unload_lora`), which leaves the plain modules with the merged weights. Several LoRAs are
+fused one after the other, in the request's order, each at its own strength. The transformer keeps its
+structure, so a compiled transformer runs a LoRA request without recompiling.
 
-Afterwards each touched weight gets its original values back from a copy. Subtracting the LoRA again
-(`unfuse_lora`) would not give the same bits (bfloat16 rounding), and the next request must give exactly the
-image of a server that never saw the LoRA. The copies are made the first time a layer is touched and kept: the
-base weights never change, so later LoRA requests pay only the copy back. On a GPU a copy stays on the GPU while
-GPU_HEADROOM_BYTES stay free beside it (a device-to-device copy back: milliseconds for every layer), else it goes
-to pinned host memory, from which the copies back are queued without waiting (a LoRA over every linear layer of
-FLUX.1 touches ~24 GB: ~2 s over PCIe from pinned memory, several times that from pageable memory, which also
-blocks the host). On the CPU it is a plain copy.
+The fused LoRAs stay in the weights after the edit: a request for the same files at the same strengths (warm)
+finds them there and fuses nothing. A request for other LoRAs, or none, first gives each touched weight its
+original values back from a copy. Subtracting the LoRA again (`unfuse_lora`) would not give the same bits
+(bfloat16 rounding), and every request must give exactly the image a server that never saw another LoRA would
+give. The copies are made the first time a layer is touched and kept: the base weights never change, so later
+LoRA requests pay only the copy back. On a GPU a copy stays on the GPU while GPU_HEADROOM_BYTES stay free beside
+it (a device-to-device copy back: milliseconds for every layer), else it goes to pinned host memory, from which
+the copies back are queued without waiting (a LoRA over every linear layer of FLUX.1 touches ~24 GB: ~2 s over
+PCIe from pinned memory, several times that from pageable memory, which also blocks the host). On the CPU it is a
+plain copy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors
@@ -39,11 +43,30 @@ _LORA_TENSORS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 MIN_LORA_STRENGTH, MAX_LORA_STRENGTH = -1.0, 3.0
 """lora_strength's range: 0 leaves the model as it is, 1 is the LoRA as trained, negative values push away
 from it; beyond 3 a LoRA mostly destroys the image."""
+MAX_LORAS = 3
+"""LoRAs one request may fuse (each fused LoRA adds its own change to the same weights)."""
+
+
+def check_strengths(strengths: Sequence[object]) -> None:
+    """Raise InvalidInputError naming lora_weights for more than MAX_LORAS LoRAs, or lora_strength (and the item,
+    when there are several) for a strength that is not a number from MIN_LORA_STRENGTH to MAX_LORA_STRENGTH."""
+    if len(strengths) > MAX_LORAS:
+        raise InvalidInputError(INPUT, f"holds at most {MAX_LORAS} LoRAs, got {len(strengths)}")
+    for i, strength in enumerate(strengths):
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            error = InvalidInputError("lora_strength", f"must be a number, got {strength!r}")
+        elif not MIN_LORA_STRENGTH <= strength <= MAX_LORA_STRENGTH:
+            error = InvalidInputError(
+                "lora_strength", f"must be between {MIN_LORA_STRENGTH} and {MAX_LORA_STRENGTH}, got {strength}"
+            )
+        else:
+            continue
+        raise error.for_item(i) if len(strengths) > 1 else error
 
 
 @dataclass(frozen=True)
 class LoraRequest:
-    """A LoRA to apply to one edit: a local .safetensors file and its strength."""
+    """A LoRA to apply to an edit: a local .safetensors file and its strength."""
 
     path: Path
     strength: float = 1.0
@@ -66,14 +89,36 @@ def _free_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+@dataclass(frozen=True)
+class LoraUse:
+    """What making the transformer's weights those of a request's LoRAs took."""
+
+    reused: bool  # the same LoRAs at the same strengths were fused already: nothing was done
+    seconds: dict[str, float] = field(default_factory=dict)  # lora_unload (the previous ones out), lora_load
+
+
+def _identity(lora: LoraRequest) -> tuple:
+    """What makes a fused LoRA the same as a requested one: the same file (path, device, inode and size: the
+    server's cache renames every new file into place, so a file fetched again is another file) at the same
+    strength."""
+    try:
+        st = os.stat(lora.path)
+    except OSError:
+        return (str(lora.path), None, float(lora.strength))
+    return (str(Path(lora.path).resolve()), (st.st_dev, st.st_ino, st.st_size), float(lora.strength))
+
+
 class LoraSlot:
-    """Applies one LoRA at a time to a transformer and restores the exact original weights afterwards."""
+    """Keeps a request's LoRAs fused in a transformer until a request asks for others (or none), then restores
+    the exact original weights."""
 
     def __init__(self, transformer: torch.nn.Module, gpu_headroom: int = GPU_HEADROOM_BYTES):
         self.transformer = transformer
         self.gpu_headroom = gpu_headroom
         # module name -> its original weight: on the GPU, in pinned host memory, or on the CPU (see the module)
         self._originals: dict[str, torch.Tensor] = {}
+        self._fused: tuple = ()  # _identity() of each LoRA fused now, in order; () while the weights are original
+        self._touched: list[str] = []  # the modules whose weights the fused LoRAs changed
 
     def check_supported(self) -> None:
         """Refuse the accelerations a LoRA cannot be fused into."""
@@ -83,27 +128,52 @@ class LoraSlot:
         if not all(_is_plain(m.weight) for m in _linears(t)):
             raise InvalidInputError(INPUT, "cannot be used: this server runs fp8 linear layers (FLUX_ACCELERATIONS)")
 
-    @contextlib.contextmanager
-    def applied(self, lora: LoraRequest) -> Iterator[dict[str, float]]:
-        """Fuse `lora` into the transformer for the body of the `with`; yields seconds per phase."""
-        self.check_supported()
-        seconds: dict[str, float] = {}
+    def use(self, loras: Sequence[LoraRequest]) -> LoraUse:
+        """Make the transformer's weights the original ones with `loras` fused, in order, each at its strength
+        (none: the original weights). Nothing is done when exactly these are fused already. Every file is read
+        and checked before any weight changes, so a refused LoRA leaves the weights as they were; a failure
+        while fusing leaves the original weights."""
+        loras = tuple(loras)
+        wanted = tuple(_identity(lora) for lora in loras)
+        if wanted == self._fused:
+            return LoraUse(reused=bool(loras))
+        if loras:
+            self.check_supported()
         device = self.transformer.device
+        seconds: dict[str, float] = {}
         t0 = clock.now(device)
-        state_dict, alphas, metadata = read_lora(lora.path)
-        targets = _target_modules(state_dict, self.transformer)
-        self._keep_originals(targets)
-        try:
-            kwargs = {"metadata": metadata} if metadata else {"network_alphas": alphas or None}
-            self.transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=ADAPTER, **kwargs)
-            self.transformer.fuse_lora(lora_scale=lora.strength, adapter_names=[ADAPTER])
-            self.transformer.unload_lora()
-            seconds["lora_load"] = clock.now(device) - t0
-            yield seconds
-        finally:
+        read = [_read_for(self.transformer, lora.path, i, len(loras)) for i, lora in enumerate(loras)]
+        load_s = clock.now(device) - t0
+        if self._fused:
             t0 = clock.now(device)
-            self._restore(targets)
+            self.restore()
             seconds["lora_unload"] = clock.now(device) - t0
+        if loras:
+            t0 = clock.now(device)
+            self._touched = sorted({name for _, targets in read for name in targets})
+            self._keep_originals(self._touched)
+            try:
+                for ((state_dict, alphas, metadata), _), lora in zip(read, loras, strict=True):
+                    self._fuse(state_dict, alphas, metadata, lora.strength)
+            except BaseException:
+                self.restore()
+                raise
+            self._fused = wanted
+            seconds["lora_load"] = load_s + clock.now(device) - t0
+        return LoraUse(reused=False, seconds=seconds)
+
+    def restore(self) -> None:
+        """The original weights back, bit for bit; nothing is fused afterwards."""
+        self._restore(self._touched)
+        self._touched, self._fused = [], ()
+
+    def _fuse(
+        self, state_dict: dict[str, torch.Tensor], alphas: dict | None, metadata: dict | None, strength: float
+    ) -> None:
+        kwargs = {"metadata": metadata} if metadata else {"network_alphas": alphas or None}
+        self.transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=ADAPTER, **kwargs)
+        self.transformer.fuse_lora(lora_scale=strength, adapter_names=[ADAPTER])
+        self.transformer.unload_lora()
 
     def _keep_originals(self, targets: list[str]) -> None:
         modules = dict(self.transformer.named_modules())
@@ -167,6 +237,17 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | 
     if others:
         raise InvalidInputError(INPUT, f"holds tensors that are not LoRA layers, e.g. {others[0]}")
     return ours, alphas, metadata
+
+
+def _read_for(
+    transformer: torch.nn.Module, path: Path, index: int, count: int
+) -> tuple[tuple[dict[str, torch.Tensor], dict | None, dict | None], list[str]]:
+    """read_lora(path) and the transformer's layers it changes; errors name the item when there are several."""
+    try:
+        state_dict, alphas, metadata = read_lora(path)
+        return (state_dict, alphas, metadata), _target_modules(state_dict, transformer)
+    except InvalidInputError as e:
+        raise (e.for_item(index) if count > 1 else e) from None
 
 
 def _target_modules(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module) -> list[str]:

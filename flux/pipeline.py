@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import itertools
@@ -17,7 +16,7 @@ import torch
 
 from flux import clock, images, sampling
 from flux.errors import InvalidInputError, NonFiniteOutputError
-from flux.lora import MAX_LORA_STRENGTH, MIN_LORA_STRENGTH, LoraRequest, LoraSlot
+from flux.lora import LoraRequest, LoraSlot, check_strengths
 from flux.model import FluxComponents, load_components
 from flux.optimize import Accelerations, Shape, optimize
 from flux.taylor_seer_utils import (
@@ -38,6 +37,9 @@ MAX_SEED = 2**53 - 1
 """The largest seed: the largest integer every JSON client reads exactly (JavaScript's Number.MAX_SAFE_INTEGER),
 and a float64 exactly, which is how Cog's schema writes bounds (so the schema's maximum is this number)."""
 MAX_EXTRA_IMAGES = 4
+MIN_STRENGTH, MAX_STRENGTH = 0.0, 1.0
+"""strength's range: 1 starts from pure noise (a plain edit), lower values start from the input image noised to
+that fraction of the schedule (only that fraction of the steps runs); 0 runs none and returns the input image."""
 SEPARATE_CONTEXT_AREA = 2.0
 """In `separate` mode the reference images are scaled down together to about this many times one served
 size (two megapixels at megapixels=1), so the context holds at most about 8,300 tokens whatever their count."""
@@ -65,7 +67,9 @@ class EditRequest:
     extra_images: tuple[PIL.Image.Image, ...] = ()  # up to MAX_EXTRA_IMAGES more reference images
     multi_image_mode: MultiImageMode = MultiImageMode.STITCH
     megapixels: float = 1.0  # one of images.MEGAPIXELS
-    lora: LoraRequest | None = None
+    loras: tuple[LoraRequest, ...] = ()  # up to MAX_LORAS, fused in this order, each at its strength
+    mask: PIL.Image.Image | None = None  # any mode, read as its luminance: white is edited, black kept
+    strength: float = 1.0  # MIN_STRENGTH..MAX_STRENGTH: how far into the noise the edit starts
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -98,14 +102,26 @@ class EditRequest:
             raise InvalidInputError("multi_image_mode", f"must be one of {modes}, got {self.multi_image_mode!r}")
         if self.megapixels not in images.MEGAPIXELS:
             raise InvalidInputError("megapixels", f"must be one of {list(images.MEGAPIXELS)}, got {self.megapixels!r}")
-        if self.lora is not None:
-            strength = self.lora.strength
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-                raise InvalidInputError("lora_strength", f"must be a number, got {strength!r}")
-            if not MIN_LORA_STRENGTH <= strength <= MAX_LORA_STRENGTH:
-                raise InvalidInputError(
-                    "lora_strength", f"must be between {MIN_LORA_STRENGTH} and {MAX_LORA_STRENGTH}, got {strength}"
-                )
+        if self.mask is not None and not isinstance(self.mask, PIL.Image.Image):
+            raise InvalidInputError("mask", "must be an image")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise InvalidInputError("strength", f"must be a number, got {self.strength!r}")
+        if not (math.isfinite(self.strength) and MIN_STRENGTH <= self.strength <= MAX_STRENGTH):
+            raise InvalidInputError(
+                "strength", f"must be between {MIN_STRENGTH} and {MAX_STRENGTH}, got {self.strength}"
+            )
+        if self.uses_input_latents() and self.aspect_ratio != images.MATCH_INPUT_IMAGE:
+            name = "mask" if self.mask is not None else "strength"
+            raise InvalidInputError(
+                name,
+                f"needs aspect_ratio {images.MATCH_INPUT_IMAGE}: the edit starts from, or keeps, the input image at "
+                f"its own size (got aspect_ratio {self.aspect_ratio})",
+            )
+        check_strengths([item.strength for item in self.loras])
+
+    def uses_input_latents(self) -> bool:
+        """Whether the trajectory starts from, or keeps part of, the input image (a mask, or strength below 1)."""
+        return self.mask is not None or self.strength < MAX_STRENGTH
 
     def context_images(self) -> list[tuple[PIL.Image.Image, tuple[int, int]]]:
         """The context image(s) and the size (width, height) each is encoded at."""
@@ -142,6 +158,9 @@ class EditResult:
     random_weights: bool
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     context_tokens: int = 0  # packed tokens of the reference image(s)
+    steps: int = 0  # denoising steps run: num_inference_steps, fewer at a strength below 1, 0 when none was needed
+    edited_fraction: float = 1.0  # share of the output's latent pixels the mask lets the edit change
+    lora_reused: bool | None = None  # whether the request's LoRAs were fused already; None: no LoRA ran
 
 
 def served_shapes() -> list[Shape]:
@@ -283,12 +302,28 @@ class KontextEditor:
         seconds["image"] = self._now() - t0
 
         inputs = sampling.kontext_inputs(context, txt, vec, out_h // 8, out_w // 8, seed)
+        if request.uses_input_latents():
+            t0 = self._now()
+            same_image = len(contexts) == 1 and contexts[0][0] is request.image and contexts[0][1] == output_size
+            inputs = dataclasses.replace(
+                inputs, source=self._source(request, context[0] if same_image else None, output_size)
+            )
+            seconds["image"] += self._now() - t0
         timesteps = sampling.get_schedule(request.num_inference_steps, inputs.noise.shape[1], self.schedule)
-        step_map = generate_compute_step_map(request.acceleration, request.num_inference_steps)
-        order = request.n_derivatives
-        if order is None:
-            order = default_order(request.acceleration)
-        with self.lora.applied(request.lora) if request.lora else contextlib.nullcontext({}) as lora_seconds:
+        timesteps = timesteps[sampling.first_step(request.num_inference_steps, request.strength) :]
+        steps = len(timesteps) - 1
+        if why := _nothing_to_edit(request, inputs.source, steps):
+            logger.warning("%s: the output is the input image through the VAE", why)
+            tokens, calls, steps, lora_reused = inputs.source.latents, 0, 0, None
+        else:
+            step_map = generate_compute_step_map(request.acceleration, steps)
+            order = request.n_derivatives
+            if order is None:
+                order = default_order(request.acceleration)
+            # The request's LoRAs (or none) in the weights: kept from the last request when it had the same ones.
+            lora_use = self.lora.use(request.loras)
+            seconds.update(lora_use.seconds)
+            lora_reused = lora_use.reused if request.loras else None
             t0 = self._now()
             tokens = sampling.denoise(
                 self.components.transformer,
@@ -300,7 +335,7 @@ class KontextEditor:
                 on_step,
             )
             seconds["denoise"] = self._now() - t0
-        seconds.update(lora_seconds)
+            calls = sum(step_map)
         # One read back to the host after the loop (the clock above has waited for the GPU already): NaN or
         # infinite latents would decode to a black picture that looks like a result.
         if not torch.isfinite(tokens).all():
@@ -310,6 +345,45 @@ class KontextEditor:
         t0 = self._now()
         image = images.tensor_to_image(self.decode(latents))
         seconds["decode"] = self._now() - t0
-        calls = sum(step_map)
-        tokens_in_context = inputs.context.shape[1]
-        return EditResult(image, seed, latents, calls, self.components.random_weights, seconds, tokens_in_context)
+        return EditResult(
+            image,
+            seed,
+            latents,
+            calls,
+            self.components.random_weights,
+            seconds,
+            context_tokens=inputs.context.shape[1],
+            steps=steps,
+            edited_fraction=_edited_fraction(inputs.source),
+            lora_reused=lora_reused,
+        )
+
+    def _source(
+        self, request: EditRequest, encoded: torch.Tensor | None, output_size: tuple[int, int]
+    ) -> sampling.SourceLatents:
+        """The input image's latents at the output size (`encoded`, when the context image is exactly that) and
+        the mask packed like them."""
+        out_w, out_h = output_size
+        if encoded is None:
+            encoded = self.encode_image(images.image_to_tensor(request.image, out_w, out_h))
+        mask = None
+        if request.mask is not None:
+            pixels = images.mask_to_tensor(request.mask, out_w, out_h).to(encoded.device)
+            mask = sampling.pack_mask(pixels, out_h // 8, out_w // 8, encoded.shape[1])
+        return sampling.SourceLatents(sampling.pack(encoded.float()), mask)
+
+
+def _nothing_to_edit(request: EditRequest, source: sampling.SourceLatents | None, steps: int) -> str | None:
+    """Why the edit has nothing to do (no step left, or a mask that keeps everything), or None."""
+    if steps == 0:
+        return f"strength {request.strength} leaves no step to run"
+    if source is not None and source.mask is not None and not source.mask.any():
+        return "the mask marks nothing to edit"
+    return None
+
+
+def _edited_fraction(source: sampling.SourceLatents | None) -> float:
+    """The share of the output's latent pixels the edit may change: 1 without a mask."""
+    if source is None or source.mask is None:
+        return 1.0
+    return source.mask.mean().item()

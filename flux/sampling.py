@@ -87,6 +87,45 @@ def make_noise(seed: int, shape: tuple[int, int, int, int]) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
+def noised(latents: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """Where the straight path from `latents` (t = 0) to `noise` (t = 1) is at time t: the point a trajectory
+    ending at `latents` passes through at t (rectified flow's forward process)."""
+    return t * noise + (1.0 - t) * latents
+
+
+def first_step(num_steps: int, strength: float) -> int:
+    """The step an edit of `strength` (0-1) starts at: the first (1 - strength) of the steps are not run, and the
+    input image, noised to the time of this step, is where the trajectory starts. As diffusers' img2img and
+    inpainting pipelines count it (`get_timesteps`), so that the same strength runs the same steps."""
+    return int(max(num_steps - min(num_steps * strength, num_steps), 0))
+
+
+def pack_mask(mask: torch.Tensor, latent_height: int, latent_width: int, channels: int) -> torch.Tensor:
+    """(B, 1, H, W) pixel mask of 0 and 1 -> (B, N, 4C) packed like the latents: each latent pixel takes the mask's
+    value at its top-left pixel (nearest-neighbour downsampling, as diffusers' inpainting pipelines do)."""
+    small = torch.nn.functional.interpolate(mask, size=(latent_height, latent_width))
+    return pack(small.expand(-1, channels, -1, -1).contiguous())
+
+
+@dataclass(frozen=True)
+class SourceLatents:
+    """The input image in the edit's trajectory (inpainting and strength below 1, as in diffusers' Kontext
+    inpainting): the trajectory starts from it noised to the first step's time, and after every step the region
+    outside the mask is put back where the input image's own trajectory is at that time."""
+
+    latents: torch.Tensor  # (B, N, 4C) float32 packed latents of the input image at the output size
+    mask: torch.Tensor | None = None  # (B, N, 4C) float32, 1 where the edit changes the image, 0 where it keeps it
+
+    def start(self, noise: torch.Tensor, t: float) -> torch.Tensor:
+        return noised(self.latents, noise, t)
+
+    def keep(self, img: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        """`img` (B, N, 4C) at time t with the kept region replaced by the input image's latents noised to t."""
+        if self.mask is None:
+            return img
+        return (1 - self.mask) * noised(self.latents, noise, t) + self.mask * img
+
+
 @dataclass(frozen=True)
 class KontextInputs:
     """Everything the denoise loop needs, on the model's device."""
@@ -99,6 +138,7 @@ class KontextInputs:
     vec: torch.Tensor  # (B, P) CLIP pooled embedding
     latent_height: int  # h of the output latents
     latent_width: int  # w of the output latents
+    source: SourceLatents | None = None  # the input image's part in the trajectory; None: a plain edit from noise
 
 
 def kontext_inputs(
@@ -169,6 +209,7 @@ class Step:
     computed: bool  # whether the transformer ran (False: TaylorSeer extrapolated)
     latents: torch.Tensor  # (B, N, 4C) float32, the latents the step started from
     velocity: torch.Tensor  # (B, N, 4C) float32, the velocity it integrated
+    total: int  # the steps this loop runs (fewer than the schedule's at a strength below 1)
 
 
 StepCallback = Callable[[Step], None]
@@ -190,7 +231,8 @@ def denoise(
     extrapolation: Extrapolation,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Euler integration of the velocity field from t=1 to t=0; returns (B, N, 4C) float32 latents.
+    """Euler integration of the velocity field from timesteps[0] (1 for an edit from noise) to 0; returns
+    (B, N, 4C) float32 latents.
 
     `compute` says which steps run the transformer: a step map (one bool per step, from
     taylor_seer_utils.generate_compute_step_map) or a policy asked at each step. On a computed step
@@ -199,6 +241,10 @@ def denoise(
     `extrapolation` (taylor_seer_utils.TaylorSeerConfig for the shipped TaylorSeer; a fresh state per
     call, so nothing leaks between requests). Latents stay
     float32 whatever the model's dtype.
+
+    With `inputs.source`, the trajectory starts from the input image noised to `timesteps[0]`, and the region its
+    mask keeps is put back on the input image's trajectory after every step, computed or extrapolated (the
+    extrapolation only ever sees the transformer's predictions).
     """
     if isinstance(compute, Sequence):
         if len(compute) != len(timesteps) - 1:
@@ -209,7 +255,10 @@ def denoise(
             return step_map[step]
 
     state = extrapolation.start()
-    img = inputs.noise.float()
+    source = inputs.source
+    noise = inputs.noise.float()
+    img = noise if source is None else source.start(noise, timesteps[0])
+    total = len(timesteps) - 1
     for step, (t_curr, t_next) in enumerate(itertools.pairwise(timesteps)):
         computed = compute(step, t_curr, img)
         if computed:
@@ -220,6 +269,8 @@ def denoise(
             v = state.predict(step, t_curr)
         start = img
         img = img + (t_next - t_curr) * v
+        if source is not None:
+            img = source.keep(img, noise, t_next)
         if on_step is not None:
-            on_step(Step(step, t_curr, computed, start, v))
+            on_step(Step(step, t_curr, computed, start, v, total))
     return img

@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flux import images, optimize, safety, sampling
+from flux import images, lora, optimize, safety, sampling
 from flux.errors import InvalidInputError, UnsafeOutputError
 from flux.hardware import serving_device
-from flux.lora import LoraRequest
 from flux.pipeline import EditRequest, EditResult, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.weights import resolve_weights_dir, weights_directory
@@ -46,6 +45,8 @@ class Inputs:
     input_image: object  # a pathlib.Path for a valid file input (see downloads.file_input)
     input_images: list | None
     multi_image_mode: str
+    mask: object  # None, or a file input like input_image
+    strength: float
     aspect_ratio: str
     megapixels: str
     num_inference_steps: int
@@ -56,8 +57,8 @@ class Inputs:
     disable_safety_checker: bool
     go_fast: bool
     acceleration: str
-    lora_weights: str | None
-    lora_strength: float
+    lora_weights: list[str] | None
+    lora_strength: list[float] | None
 
 
 class EditServer:
@@ -65,7 +66,8 @@ class EditServer:
 
     def __init__(self) -> None:
         _log_server_versions()
-        # The schema coglet validates with, read when setup ends: `null` accepted where it says nullable.
+        # The schema coglet validates with, read when setup ends: `null` accepted where it says nullable, the
+        # items of list inputs checked against their bounds.
         openapi.rewrite_schema_file()
         # Input URLs: public hosts only, a total deadline and a size cap; failed fetches leave no file behind.
         downloads.limit_cog_downloads()
@@ -106,12 +108,13 @@ class EditServer:
             images.load_image(downloads.file_input("input_images", path), "input_images")
             for path in inputs.input_images or ()
         )
+        mask = None
+        if inputs.mask is not None:
+            mask = images.load_mask(downloads.file_input("mask", inputs.mask))
         acceleration = inputs.acceleration
         if acceleration == AUTO:
             acceleration = AccelerationLevel.GO_REALLY_FAST if inputs.go_fast else AccelerationLevel.NONE
-        lora = None
-        if inputs.lora_weights and inputs.lora_weights.strip():
-            lora = LoraRequest(self.lora_cache.resolve(inputs.lora_weights), inputs.lora_strength)
+        loras = self.loras(inputs.lora_weights or [], inputs.lora_strength)
         request = EditRequest(
             prompt=inputs.prompt,
             image=image,
@@ -123,22 +126,44 @@ class EditServer:
             extra_images=extras,
             multi_image_mode=inputs.multi_image_mode,
             megapixels=MEGAPIXELS.get(inputs.megapixels, inputs.megapixels),
-            lora=lora,
+            loras=loras,
+            mask=mask,
+            strength=inputs.strength,
         )
         request.validate()
         return request.with_seed()
+
+    def loras(self, sources: list, strengths: list | None) -> tuple[lora.LoraRequest, ...]:
+        """lora_weights and lora_strength (one per LoRA, in the same order; left out: each the default) as local
+        files and strengths. Counts and strengths are checked before anything is fetched."""
+        if strengths is None:
+            strengths = [lora.LoraRequest.__dataclass_fields__["strength"].default] * len(sources)
+        if len(strengths) != len(sources):
+            raise InvalidInputError(
+                "lora_strength",
+                f"holds {len(strengths)} values for {len(sources)} LoRAs: one per LoRA in lora_weights, in its order",
+            )
+        lora.check_strengths(strengths)
+        loras = []
+        for i, (source, strength) in enumerate(zip(sources, strengths, strict=True)):
+            try:
+                if not isinstance(source, str) or not source.strip():
+                    raise InvalidInputError(lora.INPUT, "is blank: leave lora_weights out (or null) for no LoRA")
+                loras.append(lora.LoraRequest(self.lora_cache.resolve(source), strength))
+            except InvalidInputError as e:
+                raise (e.for_item(i) if len(sources) > 1 else e) from None
+        return tuple(loras)
 
     def predict(self, inputs: Inputs, record_metric: RecordMetric) -> pathlib.Path:
         """Run one prediction and return the output file."""
         request = self.request(inputs)
         print(f"Using seed: {request.seed}")
-        steps = request.num_inference_steps
 
         def progress(step: sampling.Step) -> None:
-            print(f"Step {step.index + 1}/{steps}" + ("" if step.computed else " (TaylorSeer)"))
+            print(f"Step {step.index + 1}/{step.total}" + ("" if step.computed else " (TaylorSeer)"))
 
         result = self.editor.edit(request, on_step=progress)
-        print(f"Transformer calls: {result.transformer_calls} of {steps} steps ({request.acceleration})")
+        print(f"Transformer calls: {result.transformer_calls} of {result.steps} steps ({request.acceleration})")
         # Checked before anything is written: an unsafe image never reaches a file.
         if inputs.disable_safety_checker:
             print("Safety checker: off for this prediction (disable_safety_checker)")
@@ -187,9 +212,15 @@ def _log_server_versions() -> None:
 def record(record_metric: RecordMetric, request: EditRequest, result: EditResult) -> None:
     """The prediction's figures, in its `metrics` (Cog's record_metric; nested names with dots)."""
     record_metric("transformer_calls", result.transformer_calls)
-    record_metric("steps", request.num_inference_steps)
+    record_metric("steps", result.steps)
     record_metric("seed", result.seed)
     record_metric("acceleration", str(request.acceleration))
     record_metric("context_tokens", result.context_tokens)
+    if request.mask is not None:
+        record_metric("edited_fraction", round(result.edited_fraction, 4))
+    if request.loras:
+        record_metric("loras", len(request.loras))
+    if result.lora_reused is not None:
+        record_metric("lora_reused", result.lora_reused)
     for phase, seconds in result.seconds.items():
         record_metric(f"seconds.{phase}", round(seconds, 4))

@@ -99,11 +99,15 @@ def test_setup_logs_where_the_weights_came_from_and_the_runtime(fetched_server):
     assert "loaded and prepared the model on cpu in" in logs
 
 
-def test_the_server_serves_the_schema_cog_builds_with_null_accepted_where_it_is_nullable(fetched_server):
+def test_the_server_serves_the_schema_cog_builds_with_null_accepted_and_list_items_bounded(fetched_server):
     served = requests.get(f"{fetched_server.url}/openapi.json", timeout=10).json()
     assert served == served_schema(build_schema())
     assert served["components"]["schemas"]["PredictionRequest"]["required"] == ["input"]
     assert requests.post(f"{fetched_server.url}/predictions", json={}, timeout=30).status_code == 422
+    assert served["components"]["schemas"]["Input"]["properties"]["lora_strength"]["anyOf"][0] == {
+        "type": "array",
+        "items": {"type": "number", "minimum": -1, "maximum": 3},
+    }
     assert "/predictions" in served["paths"] and "PredictionResponse" in served["components"]["schemas"]
 
 
@@ -121,7 +125,7 @@ def test_every_optional_input_absent_or_null_is_what_the_schema_says(fetched_ser
     naming the input."""
     schema = build_schema()["components"]["schemas"]["Input"]
     optional = [name for name in schema["properties"] if name not in schema["required"]]
-    assert len(optional) == 14
+    assert len(optional) == 16
     minimal = {"prompt": "make the car red", "input_image": IMAGE}
     body = _post(fetched_server, minimal).json()
     assert body["status"] == "succeeded", body
@@ -135,7 +139,7 @@ def test_every_optional_input_absent_or_null_is_what_the_schema_says(fetched_ser
             assert r.status_code == 422, (name, r.text)
             assert {tuple(d["loc"]) for d in r.json()["detail"]} == {("body", "input", name)}, r.text
     nullable = [name for name in optional if schema["properties"][name].get("nullable")]
-    assert nullable == ["input_images", "seed", "lora_weights"]
+    assert nullable == ["input_images", "mask", "seed", "lora_weights", "lora_strength"]
 
 
 @pytest.mark.parametrize(

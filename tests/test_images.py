@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageFile
 import pytest
+import torch
 
 from flux import images
 from flux.errors import InvalidInputError
@@ -17,22 +18,28 @@ IMAGE = make_image(200, 150)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load(tmp_path, data: bytes) -> PIL.Image.Image:
+def load(tmp_path, data: bytes, loader=images.load_image) -> PIL.Image.Image:
     path = tmp_path / "input"
     path.write_bytes(data)
-    return images.load_image(path)
+    return loader(path)
 
 
+def load_mask(tmp_path, data: bytes) -> PIL.Image.Image:
+    return load(tmp_path, data, images.load_mask)
+
+
+@pytest.mark.parametrize("loader,mode,input_name", [(load, "RGB", "input_image"), (load_mask, "L", "mask")])
 @pytest.mark.parametrize("name", CASES)
-def test_each_case_decodes_upright_or_fails_naming_the_input(tmp_path, name):
+def test_each_case_decodes_upright_or_fails_naming_the_input(tmp_path, name, loader, mode, input_name):
+    """As an input image (RGB) and as a mask (its luminance)."""
     case = CASES[name]
     if isinstance(case.expect, tuple):
-        img = load(tmp_path, case.build())
-        assert img.mode == "RGB" and img.size == case.expect
+        img = loader(tmp_path, case.build())
+        assert img.mode == mode and img.size == case.expect
     else:
         with pytest.raises(InvalidInputError) as e:
-            load(tmp_path, case.build())
-        assert str(e.value).startswith("input_image ") and case.expect in str(e.value)
+            loader(tmp_path, case.build())
+        assert e.value.name == input_name and str(e.value).startswith(f"{input_name} ") and case.expect in str(e.value)
         assert str(tmp_path) not in str(e.value)
 
 
@@ -160,3 +167,51 @@ def test_faster_output_encoding_stays_within_its_bounds(tmp_path, name):
     assert psnr(decoded(webp), img) >= psnr(decoded(default_webp), img) - 0.3
     png = images.save_image(img, tmp_path, "png", 80).read_bytes()
     assert len(png) <= 1.35 * len(encoded(img, "PNG")) and np.array_equal(np.asarray(decoded(png)), np.asarray(img))
+
+
+# ---- masks: any mode, read as its luminance (white edits, black keeps) ---------------------------------------
+
+
+def half(mode: str, left, right) -> PIL.Image.Image:
+    """A 64×48 image in `mode`: `left` on the left half, `right` on the right half."""
+    img = PIL.Image.new(mode, (64, 48), left)
+    img.paste(right, (32, 0, 64, 48))
+    return img
+
+
+@pytest.mark.parametrize(
+    "img,edited_side",
+    [
+        (half("RGB", (0, 0, 0), (255, 255, 255)), "right"),
+        (half("RGB", (255, 140, 140), (20, 20, 200)), "left"),  # luma: pink 174, dark blue 40 (below 128)
+        (half("RGB", (250, 250, 60), (255, 0, 0)), "left"),  # yellow 229 edits, pure red 76 keeps
+        (half("RGBA", (255, 255, 255, 0), (255, 255, 255, 255)), "right"),  # transparent counts as black
+        (half("LA", (255, 0), (255, 255)), "right"),
+        (half("1", 0, 1), "right"),
+        (half("I;16", 0, 65535), "right"),
+        (half("I;16", 65535, 20000), "left"),  # 20000/65535 of white is below half grey: not clipped to white
+        (half("CMYK", (0, 0, 0, 255), (0, 0, 0, 0)), "right"),
+        (half("L", 127, 128), "right"),  # half grey is the threshold
+    ],
+    ids=["rgb", "colour", "yellow-red", "rgba", "la", "1-bit", "16-bit", "16-bit-dark", "cmyk", "threshold"],
+)
+def test_a_mask_in_any_mode_reads_as_its_luminance(tmp_path, img, edited_side):
+    mask = images.mask_to_tensor(img, 64, 48)
+    assert mask.shape == (1, 1, 48, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    left, right = mask[..., :32], mask[..., 32:]
+    edited, kept = (right, left) if edited_side == "right" else (left, right)
+    assert bool((edited == 1).all()) and bool((kept == 0).all())
+    # The same through a file (TIFF stores every one of these modes losslessly).
+    assert torch.equal(images.mask_to_tensor(load_mask(tmp_path, encode(img, "TIFF")), 64, 48), mask)
+
+
+def test_palette_mask_with_transparency(tmp_path):
+    img = half("RGBA", (255, 255, 255, 0), (255, 255, 255, 255)).convert("P")
+    mask = images.mask_to_tensor(load_mask(tmp_path, encode(img, "PNG", transparency=img.getpixel((0, 0)))), 64, 48)
+    assert bool((mask[..., 32:] == 1).all()) and bool((mask[..., :32] == 0).all())
+
+
+def test_a_mask_of_another_size_is_resized_to_the_output():
+    mask = images.mask_to_tensor(half("L", 0, 255), 128, 32)
+    assert mask.shape == (1, 1, 32, 128)
+    assert bool((mask[..., :60] == 0).all()) and bool((mask[..., 68:] == 1).all())

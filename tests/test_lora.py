@@ -1,5 +1,8 @@
-"""LoRA for one request: it changes the edit, its scale is the file's alpha/rank times the strength, and
-afterwards the transformer is bit for bit what it was, also when compiled (without a recompile)."""
+"""LoRAs for a request: each changes the edit by its alpha/rank times its strength, several add up, they stay fused
+while the next requests ask for the same ones (nothing fused again), and when a request asks for others or none
+the transformer is bit for bit what it was, also when compiled (without a recompile)."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from flux.errors import InvalidInputError
 from flux.lora import LoraRequest, LoraSlot, keeps_on_gpu
 from flux.optimize import AccelerationConfig, CompileScope
 from flux.pipeline import EditRequest, KontextEditor
+from flux.tiny import TINY
+from measure import lora as lora_measure
 from tests.conftest import make_image
 from tests.lora_files import write_tiny_lora
 
@@ -27,10 +32,8 @@ def fresh_editor(tiny_dir):
     return KontextEditor.from_pretrained(tiny_dir, device="cpu")
 
 
-def edit(editor, lora=None, **kw):
-    import dataclasses
-
-    return editor.edit(dataclasses.replace(REQUEST, lora=lora, **kw))
+def edit(editor, *loras, **kw):
+    return editor.edit(dataclasses.replace(REQUEST, loras=loras, **kw))
 
 
 def test_a_lora_changes_the_edit_and_leaves_nothing_behind(fresh_editor, lora_file):
@@ -42,7 +45,7 @@ def test_a_lora_changes_the_edit_and_leaves_nothing_behind(fresh_editor, lora_fi
     after = edit(fresh_editor)
     change = ((with_lora.latents - plain.latents).norm() / plain.latents.norm()).item()
     assert change > 0.05
-    assert {"lora_load", "lora_unload"} <= set(with_lora.seconds)
+    assert "lora_load" in with_lora.seconds and "lora_unload" in after.seconds  # taken out by the next request
     assert torch.equal(after.latents, plain.latents)
     assert after.image.tobytes() == plain.image.tobytes()
     state = transformer.state_dict()
@@ -58,8 +61,9 @@ def test_the_fused_change_is_strength_times_alpha_over_rank_times_b_a(fresh_edit
     name = "single_transformer_blocks.0.proj_mlp"
     layer = dict(fresh_editor.components.transformer.named_modules())[name]
     original = layer.weight.detach().clone()
-    with fresh_editor.lora.applied(LoraRequest(path, 0.5)):
-        delta = layer.weight.detach() - original
+    fresh_editor.lora.use([LoraRequest(path, 0.5)])
+    delta = layer.weight.detach() - original
+    fresh_editor.lora.restore()
     expected = 0.5 * (2.0 / 4) * tensors[f"{name}.lora_B.weight"] @ tensors[f"{name}.lora_A.weight"]
     torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(layer.weight, original)
@@ -134,3 +138,125 @@ def test_originals_on_the_gpu_or_in_pinned_memory_restore_bit_for_bit(tiny_dir, 
     assert torch.equal(edit(editor).latents, plain.latents)
     kept = list(editor.lora._originals.values())
     assert kept and all(t.is_cuda if where == "gpu" else t.is_pinned() for t in kept)
+
+
+# ---- several LoRAs, kept warm ----------------------------------------------------------------------------------
+
+
+def draft(editor, *loras):
+    return edit(editor, *loras, megapixels=0.25)
+
+
+@pytest.fixture(scope="module")
+def second_lora(tmp_path_factory):
+    return write_tiny_lora(tmp_path_factory.mktemp("second"), seed=2, rank=2, alpha=2.0)
+
+
+def test_several_loras_add_up_each_at_its_strength(fresh_editor, lora_file, second_lora):
+    layer_name = "single_transformer_blocks.0.proj_mlp"
+    layer = dict(fresh_editor.components.transformer.named_modules())[layer_name]
+    original = layer.weight.detach().clone()
+
+    def delta(path, strength, alpha, rank):
+        tensors = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+        b, a = tensors[f"{layer_name}.lora_B.weight"], tensors[f"{layer_name}.lora_A.weight"]
+        return strength * (alpha / rank) * b @ a
+
+    fresh_editor.lora.use([LoraRequest(lora_file, 0.5), LoraRequest(second_lora, -1.0)])
+    expected = delta(lora_file, 0.5, 8.0, 4) + delta(second_lora, -1.0, 2.0, 2)
+    torch.testing.assert_close(layer.weight.detach() - original, expected, rtol=1e-4, atol=1e-5)
+    fresh_editor.lora.restore()
+    assert torch.equal(layer.weight, original)
+
+
+def count_calls(monkeypatch, slot) -> dict[str, int]:
+    calls = {"fuse": 0, "restore": 0}
+    for name in calls:
+        real = getattr(slot, f"_{name}")
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(slot, f"_{name}", counted)
+    return calls
+
+
+def test_the_same_loras_stay_fused_and_give_the_same_edit(fresh_editor, lora_file, second_lora, monkeypatch):
+    calls = count_calls(monkeypatch, fresh_editor.lora)
+    both = (LoraRequest(lora_file, 1.0), LoraRequest(second_lora, 0.5))
+    cold = draft(fresh_editor, *both)
+    assert cold.lora_reused is False and calls == {"fuse": 2, "restore": 0}
+    assert {"lora_load"} == {k for k in cold.seconds if k.startswith("lora")}
+    warm = draft(fresh_editor, *both)
+    assert warm.lora_reused is True and calls == {"fuse": 2, "restore": 0}  # nothing unfused or fused again
+    assert not any(k.startswith("lora") for k in warm.seconds)
+    assert torch.equal(warm.latents, cold.latents) and warm.image.tobytes() == cold.image.tobytes()
+    # Another strength, another order, or none: restored first, then fused as asked.
+    for loras, fused in [(both[:1], 3), ((both[1], both[0]), 5), ((), 5)]:
+        use = fresh_editor.lora.use(loras)
+        assert use.reused is False and calls["fuse"] == fused and "lora_unload" in use.seconds
+    assert calls["restore"] == 3
+
+
+def test_a_file_fetched_again_is_fused_again(fresh_editor, lora_file, tmp_path):
+    copy = tmp_path / "lora.safetensors"
+    copy.write_bytes(lora_file.read_bytes())
+    slot = fresh_editor.lora
+    assert [slot.use([LoraRequest(copy, 1.0)]).reused for _ in range(2)] == [False, True]
+    replacement = tmp_path / "new.partial"
+    replacement.write_bytes(lora_file.read_bytes())
+    replacement.replace(copy)  # as the server's cache puts a fetched file in place: another file, same name
+    assert slot.use([LoraRequest(copy, 1.0)]).reused is False
+    slot.restore()
+
+
+def test_a_bad_second_lora_is_named_and_changes_nothing(fresh_editor, lora_file, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a LoRA")
+    slot = fresh_editor.lora
+    slot.use([LoraRequest(lora_file, 1.0)])
+    state = {k: v.clone() for k, v in fresh_editor.components.transformer.state_dict().items()}
+    with pytest.raises(InvalidInputError, match="^lora_weights item 2 is not a readable .safetensors file"):
+        slot.use([LoraRequest(lora_file, 1.0), LoraRequest(garbage, 1.0)])
+    after = fresh_editor.components.transformer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())  # the warm LoRA still in place, untouched
+    assert slot.use([LoraRequest(lora_file, 1.0)]).reused is True
+    slot.restore()
+
+
+def test_a_failure_while_fusing_leaves_the_original_weights(fresh_editor, lora_file, second_lora, monkeypatch):
+    original = {k: v.clone() for k, v in fresh_editor.components.transformer.state_dict().items()}
+    real, fused = fresh_editor.lora._fuse, []
+
+    def fuse_then_fail(*args, **kwargs):
+        if fused:
+            raise RuntimeError("out of memory")
+        fused.append(real(*args, **kwargs))
+
+    monkeypatch.setattr(fresh_editor.lora, "_fuse", fuse_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fresh_editor.lora.use([LoraRequest(lora_file, 1.0), LoraRequest(second_lora, 1.0)])
+    state = fresh_editor.components.transformer.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
+    monkeypatch.undo()
+    assert fresh_editor.lora.use([LoraRequest(lora_file, 1.0)]).reused is False  # nothing counted as fused
+
+
+@pytest.mark.parametrize(
+    "strengths,says",
+    [
+        ([1.0] * 4, "^lora_weights holds at most 3 LoRAs, got 4"),
+        ([1.0, 3.5], "^lora_strength item 2 must be between -1.0 and 3.0, got 3.5"),
+        ([float("nan")], "^lora_strength must be a number, got nan"),
+        ([1.0, True], "^lora_strength item 2 must be a number, got True"),
+    ],
+)
+def test_too_many_loras_and_bad_strengths_are_named(editor, lora_file, strengths, says):
+    with pytest.raises(InvalidInputError, match=says):
+        draft(editor, *(LoraRequest(lora_file, s) for s in strengths))
+
+
+def test_the_measuring_tool_times_cold_and_warm_requests():
+    row = lora_measure.measure(TINY, rank=4, count=2, repeats=1)
+    assert row["cold s"] > 0 and row["warm s"] > 0 and row["cold / warm"] == row["cold s"] / row["warm s"]

@@ -12,8 +12,19 @@ from pathlib import Path
 import pytest
 
 from flux import images, sampling
-from flux.lora import MAX_LORA_STRENGTH, MIN_LORA_STRENGTH, LoraRequest
-from flux.pipeline import MAX_EXTRA_IMAGES, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS, MultiImageMode
+from flux.lora import MAX_LORA_STRENGTH, MAX_LORAS, MIN_LORA_STRENGTH, LoraRequest
+from flux.pipeline import (
+    MAX_EXTRA_IMAGES,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_STRENGTH,
+    MIN_GUIDANCE,
+    MIN_STEPS,
+    MIN_STRENGTH,
+    EditRequest,
+    MultiImageMode,
+)
 from flux.taylor_seer_utils import SCHEDULE_NAMES
 from script.openapi_schema import (
     UNSET,
@@ -34,6 +45,10 @@ CONSTANTS = {
     ("input_images", "default"): None,
     ("multi_image_mode", "choices"): [mode.value for mode in MultiImageMode],
     ("multi_image_mode", "default"): MultiImageMode.STITCH.value,
+    ("mask", "default"): None,
+    ("strength", "ge"): MIN_STRENGTH,
+    ("strength", "le"): MAX_STRENGTH,
+    ("strength", "default"): EditRequest.__dataclass_fields__["strength"].default,
     ("aspect_ratio", "choices"): images.ASPECT_RATIOS,
     ("aspect_ratio", "default"): images.MATCH_INPUT_IMAGE,
     ("megapixels", "choices"): list(MEGAPIXELS),
@@ -59,7 +74,7 @@ CONSTANTS = {
     ("lora_weights", "default"): None,
     ("lora_strength", "ge"): MIN_LORA_STRENGTH,
     ("lora_strength", "le"): MAX_LORA_STRENGTH,
-    ("lora_strength", "default"): LoraRequest.__dataclass_fields__["strength"].default,
+    ("lora_strength", "default"): None,
 }
 KEYWORDS = ("default", "choices", "ge", "le", "min_length", "max_length", "regex")
 
@@ -86,6 +101,12 @@ def test_every_literal_is_a_library_constant_and_every_constant_a_literal():
     described = {name: i.description for name, i in cog_inputs().items()}
     assert f"Up to {MAX_EXTRA_IMAGES} more" in described["input_images"]
     assert str(MAX_SEED) in described["seed"] and f"{RANDOM_SEED} or blank" in described["seed"]
+    assert described["lora_weights"].startswith(f"Up to {MAX_LORAS} LoRAs")
+    strength = LoraRequest.__dataclass_fields__["strength"].default
+    assert (
+        f"each from {MIN_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g}; left out, {strength:g} for each"
+        in (described["lora_strength"])
+    )
 
 
 def test_inputs_match_replicates_model():
@@ -106,7 +127,7 @@ def test_the_schema_has_what_the_server_serves():
     props = schema["Input"]["properties"]
     assert schema["Input"]["required"] == ["prompt", "input_image"]
     assert props["seed"] == {
-        "x-order": 8,
+        "x-order": 10,
         "title": "Seed",
         "type": "integer",
         "nullable": True,
@@ -117,6 +138,13 @@ def test_the_schema_has_what_the_server_serves():
     }
     assert schema["aspect_ratio"]["enum"] == images.ASPECT_RATIOS and schema["aspect_ratio"]["type"] == "string"
     assert props["input_images"]["type"] == "array" and props["input_images"]["items"]["format"] == "uri"
+    assert props["mask"]["format"] == "uri" and props["mask"]["nullable"] is True
+    assert (props["strength"]["minimum"], props["strength"]["maximum"], props["strength"]["default"]) == (0, 1, 1)
+    # Lists of strings and of numbers; Cog writes a list's bounds beside the array (serving/openapi.py moves them
+    # onto its items for coglet).
+    assert props["lora_weights"]["items"] == {"type": "string"} and props["lora_weights"]["nullable"] is True
+    assert props["lora_strength"]["type"] == "array" and props["lora_strength"]["items"] == {"type": "number"}
+    assert (props["lora_strength"]["minimum"], props["lora_strength"]["maximum"]) == (-1, 3)
     assert schema["Output"] == {"type": "string", "format": "uri", "title": "Output"}
 
 
