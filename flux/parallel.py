@@ -31,9 +31,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
+import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -113,12 +114,18 @@ class ParallelSettings:
             setup_timeout_s=_seconds(ENV_SETUP_TIMEOUT, cls.setup_timeout_s),
         )
 
-    def check(self, heads: int, attention: str | None) -> None:
+    def check(self, heads: int, attention: str | None, whole_compile: bool = False) -> None:
         """Raise ValueError, at setup, for a setting no request could run with: Ulysses over more ranks than the
         model's attention heads can be split across (even with diffusers' head padding), ring with an attention
-        backend that does not return the log-sum-exp."""
+        backend that does not return the log-sum-exp, compile of the whole model (it would trace the uneven split,
+        which dynamo cannot: see ContextParallel; regional compile runs those calls eagerly)."""
         if not self.enabled:
             return
+        if whole_compile:
+            raise ValueError(
+                f"{ENV_GPUS}={self.degree} cannot run with compile of the whole transformer (FLUX_ACCELERATIONS): "
+                "use regional (the default on a GPU)"
+            )
         if self.kind is Kind.ULYSSES and not ulysses_splits_heads(heads, self.degree):
             raise ValueError(
                 f"Ulysses over {self.degree} ranks cannot split the model's {heads} attention heads (diffusers pads "
@@ -278,23 +285,34 @@ class ContextParallel:
             self.config = ContextParallelConfig(ring_degree=settings.degree)
         with _cpu_counts_as_one_device():
             transformer.enable_parallelism(config=self.config, cp_plan=plan)
-        # Before diffusers' own hooks (which wrap forward) split the inputs: pick even or uneven for this call.
-        transformer.register_forward_pre_hook(self._choose_split, with_kwargs=True)
+        # Around diffusers' own hooks (which wrap forward and split the inputs): the split of each call.
+        transformer.forward = self._split_each_call(transformer.forward)
         self.last: SplitPlan | None = None
 
     def plan(self, image_tokens: int, text_tokens: int) -> SplitPlan:
         return split_plan(self.settings, self.heads, image_tokens, text_tokens)
 
-    def _choose_split(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        text = kwargs["encoder_hidden_states"]
-        plan = self.plan(hidden.shape[1], text.shape[1])
-        # Read by diffusers' split hooks and attention at call time (the config object is shared by both).
-        if self.settings.kind is Kind.ULYSSES:
-            self.config.ulysses_anything = plan.uneven
-        else:
-            self.config.ring_anything = plan.uneven
-        self.last = plan
+    def _split_each_call(self, forward: Callable) -> Callable:
+        """`forward` with the split of each call chosen from its token counts. Calls that take the uneven split run
+        with torch.compile's stance "force_eager": diffusers' uneven split exchanges the share sizes inside the
+        attention, which dynamo cannot trace (torch 2.13: a fake-tensor error on the process group, measured with
+        regional compile on the CPU by measure.parallel), so a compiled transformer runs those calls' blocks eagerly
+        (even calls stay compiled); without compile the stance changes nothing."""
+
+        @functools.wraps(forward)
+        def split_forward(*args, **kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            plan = self.plan(hidden.shape[1], kwargs["encoder_hidden_states"].shape[1])
+            # Read by diffusers' split hooks and attention at call time (the config object is shared by both).
+            if self.settings.kind is Kind.ULYSSES:
+                self.config.ulysses_anything = plan.uneven
+            else:
+                self.config.ring_anything = plan.uneven
+            self.last = plan
+            with torch.compiler.set_stance("force_eager") if plan.uneven else contextlib.nullcontext():
+                return forward(*args, **kwargs)
+
+        return split_forward
 
     def gather(self, local: torch.Tensor) -> torch.Tensor | None:
         """This rank's share of the last call's output (B, its image tokens, C) -> on rank 0 the whole output

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from flux import parallel, sampling
 from flux.errors import ParallelError
 from flux.lora import LoraSlot
-from flux.optimize import AccelerationConfig, Shape, warm_up
+from flux.optimize import AccelerationConfig, CompileScope, Shape, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class Ranks:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", 0)
         heads = json.loads((Path(weights) / "transformer" / "config.json").read_text())["num_attention_heads"]
-        settings.check(heads, accelerations.attention)
+        settings.check(heads, accelerations.attention, accelerations.compile is CompileScope.WHOLE)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if device.type == "cpu":  # CPU ranks (the tests) share the cores instead of each taking them all
             torch.set_num_threads(max(1, torch.get_num_threads() // settings.degree))
