@@ -1,6 +1,12 @@
-"""Several GPUs, in the process: FLUX_GPUS and its settings, which setting no request could run with, and the
-split plan of every served shape at degrees 2, 4 and 8 with FLUX.1's dimensions (the server tests run the real
-thing, two processes on gloo: tests/test_server_parallel.py)."""
+"""Several GPUs without the server: FLUX_GPUS and its settings, which setting no request could run with, the split
+plan of every served shape at degrees 2, 4 and 8 with FLUX.1's dimensions, the kit's part for a machine with
+several GPUs (run on two CPU processes) and the expected-speed estimates. The server itself, two processes on gloo:
+tests/test_server_parallel.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +25,12 @@ from flux.parallel import (
 )
 from flux.pipeline import served_shapes
 from flux.tiny import FULL
+from measure.floors import full_config
+from measure.parallel import NVLINK_H100, estimate, exchanged_bytes
+from measure.records import read_rows
 
 HEADS, TEXT = FULL.num_attention_heads, 512
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_one_gpu_is_the_default_and_all_means_every_gpu_torch_sees(monkeypatch):
@@ -33,7 +43,12 @@ def test_one_gpu_is_the_default_and_all_means_every_gpu_torch_sees(monkeypatch):
     monkeypatch.setenv(ENV_KIND, "ring")
     monkeypatch.setenv(ENV_CALL_TIMEOUT, "7.5")
     settings = ParallelSettings.from_env("cpu")
-    assert (settings.degree, settings.kind, settings.call_timeout_s, settings.describe()) == (2, Kind.RING, 7.5, "ring-2")
+    assert (settings.degree, settings.kind, settings.call_timeout_s, settings.describe()) == (
+        2,
+        Kind.RING,
+        7.5,
+        "ring-2",
+    )
 
 
 @pytest.mark.parametrize(
@@ -99,3 +114,34 @@ def test_ulysses_plans_the_uneven_split_for_heads_the_degree_does_not_divide():
     plan = split_plan(ParallelSettings(degree=5), HEADS, 4096 + 4096, TEXT)
     assert plan.uneven and "ulysses_anything" in plan.describe()
     assert not split_plan(ParallelSettings(degree=5, kind=Kind.RING), HEADS, 8190, 510).uneven
+
+
+def test_the_kit_s_parallel_part_runs_two_cpu_processes_with_regional_compile(tmp_path):
+    """script/bench-gpu parallel, as on a machine with several GPUs but on two CPU processes with the tiny model
+    (two heads) and dynamo's eager backend: the even split traced and compiled, the uneven one run eagerly, both
+    within float rounding of one process."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BENCH_WORK=str(tmp_path / "work"), PYTHON=sys.executable)
+    command = [str(ROOT / "script" / "bench-gpu"), "parallel", "smoke"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_rows(out / "parallel.jsonl")
+    assert not [r for r in rows if r["kind"] == "error"]
+    calls = [r for r in rows if r["kind"] == "parallel"]
+    assert sorted((r["degree"], r["split"]) for r in calls) == [(1, "-"), (1, "-"), (2, "even"), (2, "uneven")]
+    checks = [r for r in rows if r["kind"] == "parallel_check"]
+    assert len(checks) == 2 and all(r["relative_l2"] < 1e-5 for r in checks), checks
+    assert "| regional | 64x48 from 48x48 | 21 | 2 | ulysses | uneven |" in proc.stdout
+
+
+def test_the_expected_speed_table_s_figures():
+    """The estimates the README and BENCHMARKS.md quote (measure.parallel --plan)."""
+    config = full_config()
+    tokens = 8192  # 1024² output and context
+    assert exchanged_bytes(Kind.ULYSSES, 2, config, tokens) / 1e6 == pytest.approx(3048, abs=1)
+    for degree in (2, 4, 8):
+        ring, ulysses = (exchanged_bytes(kind, degree, config, tokens) for kind in (Kind.RING, Kind.ULYSSES))
+        assert ring / ulysses == pytest.approx(degree / 2)
+    one = estimate(1, Kind.ULYSSES, (1024, 1024)).call_s[NVLINK_H100.name]
+    speedups = [one / estimate(d, Kind.ULYSSES, (1024, 1024)).call_s[NVLINK_H100.name] for d in (2, 4, 8)]
+    assert [round(s, 2) for s in speedups] == [1.85, 3.51, 6.57]

@@ -200,7 +200,9 @@ def test_a_worker_that_stops_answering_misses_the_deadline(two_heads, tmp_path, 
         failed_at, result = hooks.completed(pid)
         assert result["status"] == "failed"
         error = result["error"]
-        assert f"did not finish on every rank within {timeout} s: not on rank 1 (pid {worker}, cpu), is stopped" in error
+        assert (
+            f"did not finish on every rank within {timeout} s: not on rank 1 (pid {worker}, cpu), is stopped" in error
+        )
         print(f"stopped worker: the edit failed {failed_at - stopped_at:.2f} s after ({timeout} s deadline)")
         assert timeout <= failed_at - stopped_at < timeout + 3
         assert left_behind([worker]) == []  # rank 0 ended it
