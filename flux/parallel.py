@@ -17,7 +17,7 @@ and the attention exchanges what it needs:
 What this module holds is what every rank does alike: the settings from the environment, the split plan of a call
 (`split_plan`), putting the parallelism on the transformer (`ContextParallel`) and gathering the output to rank 0.
 
-Token counts that D does not divide. Of the 242 transformer shapes the server warms up, 76 have an image token
+Token counts that D does not divide. Of the 242 served shapes (flux.pipeline.served_shapes), 76 have an image token
 count (noise + context) that 2 does not divide, 164 one that 4 does not divide, 201 one that 8 does not. Those
 calls use diffusers' uneven split (`ulysses_anything` / `ring_anything`: `tensor_split`, the first ranks one token
 longer), chosen per call from the call's own token counts, so no size is ever refused at request time. Calls whose
