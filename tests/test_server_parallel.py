@@ -184,7 +184,7 @@ def test_a_killed_worker_fails_the_edit_naming_it_and_every_later_edit_at_once(t
         assert body["status"] == "failed" and FAULT in body["error"] and "rank 1" in body["error"]
         health = server.health()
         assert health["status"] == "UNHEALTHY", health
-        print(f"killed worker: the edit failed {failed_at - killed_at:.2f} s after; the next one in {refused:.2f} s")
+        print(f"killed worker: the edit failed {failed_at - killed_at:.2f} s after; the next one in {refused:.3f} s")
         assert failed_at - killed_at < 5 and refused < 2
     assert left_behind(pids) == []
 
