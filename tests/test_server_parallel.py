@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 from flux.tiny import SyntheticConfig, write_tiny_model
+from tests import test_server_lifecycle
 from tests.cog_server import ROOT, data_uri, decode_output, output_bytes, running_server
 from tests.conftest import make_image
 from tests.hostile_files import encode
 from tests.lora_files import write_tiny_lora
-from tests.test_server_lifecycle import Webhooks, steps_logged
+from tests.test_server_lifecycle import steps_logged
 
 TWO_HEADS = SyntheticConfig(num_attention_heads=2)
 IMAGE = data_uri(encode(make_image(300, 200), "PNG"))
@@ -44,6 +45,7 @@ TOLERANCE = 1
 """Grey levels an image from two processes may differ by from one process's: the ranks add up the attention in
 another order (Ulysses exchanges the sequence), floating-point rounding that reaches a pixel here and there."""
 FAULT = "this server lost a rank and cannot edit until it is restarted"
+hooks = test_server_lifecycle.hooks  # the webhooks fixture (module-scoped: one local HTTP server per module)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +65,6 @@ def two(two_heads, tmp_path_factory):
         server = stack.enter_context(running_server(two_heads, tmp_path_factory.mktemp("two"), {"FLUX_GPUS": "2"}))
         server.stop = stack.close
         yield server
-
-
-@pytest.fixture(scope="module")
-def hooks():
-    hooks = Webhooks()
-    yield hooks
-    hooks.http.close()
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +101,18 @@ def left_behind(pids, timeout: float = 10.0) -> list[int]:
     while (alive := [p for p in pids if running(p)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return alive
+
+
+def signal_mid_edit(server, hooks, sig: signal.Signals) -> tuple[int, float, float, dict]:
+    """Start a slow edit, send rank 1's worker `sig` after two steps; (its pid, when, when the edit ended, result)."""
+    worker = rank_pids(server)[1]
+    pid = server.predict_async(SLOW, hooks.url)
+    hooks.wait(pid, lambda p: steps_logged(p) >= 2)
+    signalled_at = time.monotonic()
+    os.kill(worker, sig)
+    ended_at, result = hooks.completed(pid)
+    assert result["status"] == "failed", result
+    return worker, signalled_at, ended_at, result
 
 
 def cpu_seconds(pid: int) -> float:
@@ -170,13 +177,7 @@ def test_shutdown_ends_every_worker_process(two):
 def test_a_killed_worker_fails_the_edit_naming_it_and_every_later_edit_at_once(two_heads, tmp_path, hooks):
     with running_server(two_heads, tmp_path, {"FLUX_GPUS": "2"}) as server:
         pids = server.worker_pids()
-        worker = rank_pids(server)[1]
-        pid = server.predict_async(SLOW, hooks.url)
-        hooks.wait(pid, lambda p: steps_logged(p) >= 2)
-        killed_at = time.monotonic()
-        os.kill(worker, signal.SIGKILL)
-        failed_at, result = hooks.completed(pid)
-        assert result["status"] == "failed"
+        worker, killed_at, failed_at, result = signal_mid_edit(server, hooks, signal.SIGKILL)
         assert f"rank 1 (pid {worker}, cpu) was killed by SIGKILL during transformer call" in result["error"]
         t0 = time.monotonic()
         body = server.predict(BASE).json()
@@ -192,13 +193,7 @@ def test_a_killed_worker_fails_the_edit_naming_it_and_every_later_edit_at_once(t
 def test_a_worker_that_stops_answering_misses_the_deadline(two_heads, tmp_path, hooks):
     timeout = 3
     with running_server(two_heads, tmp_path, {"FLUX_GPUS": "2", "FLUX_PARALLEL_TIMEOUT_S": str(timeout)}) as server:
-        worker = rank_pids(server)[1]
-        pid = server.predict_async(SLOW, hooks.url)
-        hooks.wait(pid, lambda p: steps_logged(p) >= 2)
-        stopped_at = time.monotonic()
-        os.kill(worker, signal.SIGSTOP)
-        failed_at, result = hooks.completed(pid)
-        assert result["status"] == "failed"
+        worker, stopped_at, failed_at, result = signal_mid_edit(server, hooks, signal.SIGSTOP)
         error = result["error"]
         assert (
             f"did not finish on every rank within {timeout} s: not on rank 1 (pid {worker}, cpu), is stopped" in error
