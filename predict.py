@@ -18,6 +18,10 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         self.server = EditServer()
 
+    def healthcheck(self) -> bool:
+        """coglet's health check: false (UNHEALTHY) once a server on several GPUs has lost a rank."""
+        return self.server.healthy()
+
     def run(
         self,
         prompt: str = Input(description="Text instruction describing the edit, e.g. 'make the car red'."),

@@ -39,3 +39,8 @@ class NonFiniteOutputError(RuntimeError):
             f"the edit produced {bad} non-finite latent values (NaN or infinity) of {total}: no image is returned "
             "(it would be black); try another seed or prompt"
         )
+
+
+class ParallelError(RuntimeError):
+    """A server running on several GPUs lost a rank: a worker process died, failed or missed a deadline. The
+    message names the rank; the server cannot edit again until it is restarted."""

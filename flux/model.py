@@ -151,3 +151,14 @@ def load_components(
     if random_weights:
         logger.warning("%s is a test model (random or proxy weights): outputs are not real edits", directory)
     return FluxComponents(**models, **tokenizers, scheduler=scheduler, random_weights=random_weights)
+
+
+def load_transformer(
+    directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> FluxTransformer2DModel:
+    """The transformer alone, loaded as load_components() loads it: what a worker process of a server on several
+    GPUs needs (rank 0 encodes the text and the images and decodes the latents)."""
+    directory = Path(directory)
+    if not (directory / "transformer").is_dir():
+        raise WeightsError(f"weights directory {directory} is missing: transformer")
+    return _load_model(directory, "transformer", dtype, torch.device(device))

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -219,12 +220,14 @@ def apply(
     *,
     fp8_min_features: int = FP8_MIN_FEATURES,
     compile_backend: str = "inductor",
+    prepare: Callable[[torch.nn.Module], None] | None = None,
 ) -> AccelerationConfig:
     """Apply `accelerations` to `transformer` in place, in order: fuse → attention backend → fp8 → compile.
 
     Returns the resolved config. torch.compile is lazy: the first call compiles (see warm_up()). The
     keyword arguments are for small test models (fp8 on narrow layers) and tests (a compile backend
-    without code generation).
+    without code generation); `prepare` is called on the transformer after fp8 and before compile (context
+    parallelism goes there, flux.parallel: its hooks must be in place when the graph is traced).
     """
     config = resolve(accelerations, transformer.device)
     config.validate(transformer.device)
@@ -235,6 +238,8 @@ def apply(
         transformer.set_attention_backend(config.attention)
     if config.fp8:
         quantize_fp8(transformer, config.fp8, fp8_min_features)
+    if prepare is not None:
+        prepare(transformer)
     if config.compile:
         options = dict(mode=config.compile_mode, dynamic=True, backend=compile_backend)
         if config.compile is CompileScope.REGIONAL:
@@ -350,9 +355,15 @@ def warm_up_shapes(config: AccelerationConfig, served: list[Shape]) -> list[Shap
 
 
 @torch.inference_mode()
-def warm_up(transformer: torch.nn.Module, shapes: list[Shape], text_tokens: int = sampling.TEXT_TOKENS) -> float:
+def warm_up(
+    transformer: torch.nn.Module,
+    shapes: list[Shape],
+    text_tokens: int = sampling.TEXT_TOKENS,
+    velocity_model: Callable[..., tuple] | None = None,
+) -> float:
     """One transformer call per shape (random inputs), so compilation happens here and not in the
-    first requests. Returns the seconds taken."""
+    first requests. Returns the seconds taken. The calls go to `velocity_model` when given (flux.ranks, which
+    runs them on every rank), else to the transformer."""
     cfg = transformer.config
     device, dtype = transformer.device, transformer.dtype
     t0 = clock.now(device)
@@ -364,7 +375,7 @@ def warm_up(transformer: torch.nn.Module, shapes: list[Shape], text_tokens: int 
         vec = torch.randn(1, cfg.pooled_projection_dim, generator=generator)
         contexts, txt, vec = [x.to(device, dtype) for x in contexts], txt.to(device, dtype), vec.to(device, dtype)
         inputs = sampling.kontext_inputs(contexts, txt, vec, shape.height // 8, shape.width // 8, seed=0)
-        sampling.velocity(transformer, inputs, inputs.noise, 1.0, sampling.DEFAULT_GUIDANCE)
+        sampling.velocity(velocity_model or transformer, inputs, inputs.noise, 1.0, sampling.DEFAULT_GUIDANCE)
     seconds = clock.now(device) - t0
     logger.info("warmed up %d shapes in %.1f s", len(shapes), seconds)
     return seconds

@@ -8,6 +8,7 @@ import itertools
 import logging
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +205,9 @@ class KontextEditor:
         self.components = components
         self.schedule = sampling.ScheduleConfig.from_scheduler_config(components.scheduler.config)
         self.lora = LoraSlot(components.transformer)
+        # What the denoise loop calls for each velocity: the transformer, or on several GPUs flux.ranks.Ranks,
+        # which runs the call on every rank.
+        self.velocity_model: Callable[..., tuple] = components.transformer
 
     @classmethod
     def from_pretrained(
@@ -213,12 +217,14 @@ class KontextEditor:
         dtype: torch.dtype | None = None,
         accelerations: Accelerations | None = None,
         compile_cache: str | Path | None = None,
+        prepare: Callable[[torch.nn.Module], None] | None = None,
     ) -> KontextEditor:
         """Load from a diffusers-layout directory; bf16 on a GPU, float32 on the CPU by default.
 
         `accelerations` (default: none; "default" for the device's defaults) are applied to the
         transformer by flux.optimize.optimize(), which also warms up what they need of the served shapes
-        and keeps the compiled artifacts in `compile_cache`.
+        and keeps the compiled artifacts in `compile_cache`; `prepare` goes to it (flux.parallel's context
+        parallelism, put on before compile).
         """
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -226,7 +232,7 @@ class KontextEditor:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         editor = cls(load_components(directory, device, dtype))
         if accelerations is not None:
-            optimize(editor.components.transformer, accelerations, compile_cache, served_shapes())
+            optimize(editor.components.transformer, accelerations, compile_cache, served_shapes(), prepare=prepare)
         return editor
 
     def _now(self) -> float:
@@ -326,7 +332,7 @@ class KontextEditor:
             lora_reused = lora_use.reused if request.loras else None
             t0 = self._now()
             tokens = sampling.denoise(
-                self.components.transformer,
+                self.velocity_model,
                 inputs,
                 timesteps,
                 request.guidance,

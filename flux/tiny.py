@@ -173,6 +173,27 @@ def synthetic_transformer(cfg: SyntheticConfig) -> FluxTransformer2DModel:
     )
 
 
+def _with_gain(transformer: FluxTransformer2DModel, cfg: SyntheticConfig) -> FluxTransformer2DModel:
+    if cfg.conditioning_gain != 1.0:
+        with torch.no_grad():
+            for module in (transformer.time_text_embed, transformer.context_embedder, transformer.x_embedder):
+                for p in module.parameters():
+                    p.mul_(cfg.conditioning_gain)
+    return transformer
+
+
+def build_transformer(
+    cfg: SyntheticConfig = TINY, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> FluxTransformer2DModel:
+    """The transformer of a synthetic model alone (eval mode, no gradients), its random weights drawn from
+    cfg.seed directly on `device`: the same weights on every device of a kind (what each rank of a benchmark on
+    several GPUs builds), not those of build_pipeline(cfg), which draws the text encoders first."""
+    with _building_on(device, dtype):
+        torch.manual_seed(cfg.seed)
+        transformer = _with_gain(synthetic_transformer(cfg), cfg)
+    return transformer.eval().requires_grad_(False)
+
+
 def build_pipeline(
     cfg: SyntheticConfig = TINY, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> FluxKontextPipeline:
@@ -211,12 +232,7 @@ def build_pipeline(
                 decoder_start_token_id=tokenizer_2.pad_token_id,
             )
         )
-        transformer = synthetic_transformer(cfg)
-        if cfg.conditioning_gain != 1.0:
-            with torch.no_grad():
-                for module in (transformer.time_text_embed, transformer.context_embedder, transformer.x_embedder):
-                    for p in module.parameters():
-                        p.mul_(cfg.conditioning_gain)
+        transformer = _with_gain(synthetic_transformer(cfg), cfg)
         levels = len(cfg.vae_widths)
         vae = AutoencoderKL(
             in_channels=3,

@@ -200,6 +200,49 @@ def restarts_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def parallel_table(rows: list[dict]) -> list[str]:
+    """measure.parallel: seconds per transformer call at each degree, against degree 1 of the same run and setting
+    (the speed-up, and how far the output is from degree 1's)."""
+    calls = [r for r in rows if r.get("kind") == "parallel"]
+    if not calls:
+        return []
+    checks = {
+        (r.get("run_id"), r["accelerations"], r["size"], r["context"], r["degree"]): r
+        for r in rows
+        if r.get("kind") == "parallel_check"
+    }
+    lines = [
+        "| accelerations | size from context | image tokens | degree | kind | split | first call s | s per call "
+        "| speed-up vs 1 | relative L2 vs 1 |",
+        "|" + " --- |" * 10,
+    ]
+    for r in calls:
+        case = (r.get("run_id"), r["accelerations"], r["size"], r["context"])
+        one = next(
+            (
+                b
+                for b in calls
+                if (b.get("run_id"), b["accelerations"], b["size"], b["context"]) == case and b["degree"] == 1
+            ),
+            None,
+        )
+        check = checks.get((*case, r["degree"]))
+        cells = [
+            r["accelerations"],
+            f"{r['size']} from {r['context']}",
+            str(r["image_tokens"]),
+            str(r["degree"]),
+            r.get("parallel_kind") or "-",
+            r["split"],
+            _fmt(r["first_call_s"], ".2f"),
+            _fmt(r["seconds_per_call"], ".4f"),
+            _fmt(one["seconds_per_call"] / r["seconds_per_call"] if one else None, ".2f"),
+            _fmt(check["relative_l2"] if check else None, ".1e"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def micro_table(rows: list[dict]) -> list[str]:
     """The microbenchmarks behind the floors: each GEMM and each SDPA backend at each sequence length."""
     micro = [r for r in rows if r.get("kind") == "micro"]
@@ -411,6 +454,7 @@ def render(rows: list[dict]) -> str:
         ("Settings applied in place", settings_table(rows)),
         ("Restarts", restarts_table(rows)),
         ("The server on the device (tiny model, over HTTP)", serve_table(rows)),
+        ("Several GPUs: one transformer call on every rank (measure.parallel)", parallel_table(rows)),
         ("Plan: predicted and taken", plan_table(rows)),
         ("Skipped, failed, parts", notes(rows)),
         ("Targets (full-size model on a GPU only)", targets_table(rows)),

@@ -234,6 +234,20 @@ PARTS.update(
         ]
     }
 )
+PARTS["parallel"] = Part(
+    "parallel",
+    "several GPUs: one transformer call at degrees 1, 2, 4 and 8 (as many as there are GPUs), eager then regional",
+    "measure.parallel",
+    ("--config", "full", "--degrees", "1,2,4,8", "--accelerations", f"off,{SERVER_DEFAULT_GPU}"),
+    (
+        *("--config", "tiny", "--heads", "2", "--degrees", "1,2", "--size", "64x48", "--size", "64x48:48x48"),
+        *("--accelerations", SERVER_DEFAULT_GPU, "--compile-backend", "eager", "--calls", "2"),
+    ),
+    estimate_s=420,  # 8 GPUs: ~30 s a degree eager (processes, the model built on each GPU, calls), ~90 s compiled
+    reserve_s=150,
+    tail_s=120,  # one degree's processes, compile included
+)
+"""On a machine with several GPUs (`script/bench-gpu parallel`); none of the machines lent here has more than one."""
 SMOKE_PARTS = ("1", "2", "3", "4", "5")
 """The plan the smoke run covers; part 6 is optional on the GPU (`script/bench-gpu smoke 6` runs its CPU stand-in)."""
 

@@ -21,7 +21,9 @@ from typing import Any
 from flux import images, lora, optimize, safety, sampling
 from flux.errors import InvalidInputError, UnsafeOutputError
 from flux.hardware import serving_device
-from flux.pipeline import EditRequest, EditResult, KontextEditor
+from flux.parallel import ParallelSettings
+from flux.pipeline import EditRequest, EditResult, KontextEditor, served_shapes
+from flux.ranks import Ranks
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.weights import resolve_weights_dir, weights_directory
 from serving import downloads, memory, openapi
@@ -82,12 +84,24 @@ class EditServer:
         # Accelerations from $FLUX_ACCELERATIONS (default: flux.optimize's defaults for the device); with
         # compile on, this also warms up every served shape and keeps the compiled artifacts with the weights.
         t0 = time.perf_counter()
-        self.editor = KontextEditor.from_pretrained(
-            weights,
-            device=device,
-            accelerations=optimize.accelerations_from_env(),
-            compile_cache=optimize.compile_cache_from_env(weights),
-        )
+        accelerations = optimize.resolve(optimize.accelerations_from_env(), device)
+        compile_cache = optimize.compile_cache_from_env(weights)
+        # FLUX_GPUS > 1: worker processes for the other GPUs, which start loading now (flux.ranks).
+        self.ranks = parallel_ranks(weights, device, accelerations, compile_cache)
+        try:
+            self.editor = KontextEditor.from_pretrained(
+                weights,
+                device=device,
+                accelerations=accelerations,
+                compile_cache=self.ranks.rank_cache(0) if self.ranks else compile_cache,
+                prepare=self.ranks.prepare if self.ranks else None,
+            )
+            if self.ranks:
+                self.ranks.serve(self.editor, served_shapes())
+        except BaseException as e:
+            if self.ranks:
+                raise self.ranks.setup_failed(e) from e
+            raise
         logger.info("setup: loaded and prepared the model on %s in %.1f s", device, time.perf_counter() - t0)
         if checker:
             checker.to(self.editor.components.device).warm_up()
@@ -154,8 +168,14 @@ class EditServer:
                 raise (e.for_item(i) if len(sources) > 1 else e) from None
         return tuple(loras)
 
+    def healthy(self) -> bool:
+        """False once a rank of a server on several GPUs is lost (it cannot edit until restarted)."""
+        return self.ranks is None or self.ranks.healthy
+
     def predict(self, inputs: Inputs, record_metric: RecordMetric) -> pathlib.Path:
         """Run one prediction and return the output file."""
+        if self.ranks:
+            self.ranks.new_prediction()  # a lost rank fails every prediction at once, before its inputs are read
         request = self.request(inputs)
         print(f"Using seed: {request.seed}")
 
@@ -189,6 +209,14 @@ class EditServer:
         # This prediction's tensors are freed by now: hand the memory back, so that resident memory stays flat.
         memory.release_free_memory()
         return output
+
+
+def parallel_ranks(weights, device: str, accelerations, compile_cache) -> Ranks | None:
+    """The worker processes of FLUX_GPUS > 1 (flux.parallel's settings), started; None for one GPU."""
+    settings = ParallelSettings.from_env(device)
+    if not settings.enabled:
+        return None
+    return Ranks.start(settings, weights, device, accelerations, compile_cache)
 
 
 def _log_server_versions() -> None:

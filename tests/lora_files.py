@@ -7,15 +7,23 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from flux.tiny import build_pipeline
+from flux.tiny import TINY, SyntheticConfig, build_pipeline
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out"]
 
 
-def write_tiny_lora(directory: Path, seed: int = 1, rank: int = 4, alpha: float = 8.0, prefixed: bool = True) -> Path:
-    """A random LoRA for flux.tiny's transformer, saved as diffusers saves one: `transformer.`-prefixed keys
-    (FluxKontextPipeline.save_lora_weights), or unprefixed with its peft config (save_lora_adapter)."""
-    transformer = build_pipeline().transformer
+def write_tiny_lora(
+    directory: Path,
+    seed: int = 1,
+    rank: int = 4,
+    alpha: float = 8.0,
+    prefixed: bool = True,
+    cfg: SyntheticConfig = TINY,
+) -> Path:
+    """A random LoRA for flux.tiny's transformer (or the synthetic model `cfg`), saved as diffusers saves one:
+    `transformer.`-prefixed keys (FluxKontextPipeline.save_lora_weights), or unprefixed with its peft config
+    (save_lora_adapter)."""
+    transformer = build_pipeline(cfg).transformer
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights="gaussian")
     transformer.add_adapter(config, adapter_name="tiny")
     generator = torch.Generator().manual_seed(seed)
