@@ -36,11 +36,11 @@ class Predictor(BaseRunner):
             default="stitch",
         ),
         mask: Path | None = Input(
-            description="Where to edit: white is edited, black is kept (any size, resized to the output; colours read as their brightness, transparent as black). Needs aspect_ratio match_input_image.",
+            description="Where to edit: white is edited, black is kept (any size, resized to the output with the input image; colours read as their brightness, transparent as black).",
             default=None,
         ),
         strength: float = Input(
-            description="How far into the noise the edit starts: 1 starts from noise; lower values start from the input image and keep more of it (only that share of the steps runs). Below 1 it needs aspect_ratio match_input_image.",
+            description="How far into the noise the edit starts: 1 starts from noise; lower values start from the input image and keep more of it (only that share of the steps runs).",
             ge=0,
             le=1,
             default=1.0,

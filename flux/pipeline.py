@@ -69,6 +69,8 @@ class EditRequest:
     multi_image_mode: MultiImageMode = MultiImageMode.STITCH
     megapixels: float = 1.0  # one of images.MEGAPIXELS
     loras: tuple[LoraRequest, ...] = ()  # up to MAX_LORAS, fused in this order, each at its strength
+    # With a mask or a strength below 1 the input image (and the mask) are resized to the output size, stretched
+    # like every input is to its Kontext size, never cropped: a crop could cut away the region the mask marks.
     mask: PIL.Image.Image | None = None  # any mode, read as its luminance: white is edited, black kept
     strength: float = 1.0  # MIN_STRENGTH..MAX_STRENGTH: how far into the noise the edit starts
 
@@ -110,13 +112,6 @@ class EditRequest:
         if not (math.isfinite(self.strength) and MIN_STRENGTH <= self.strength <= MAX_STRENGTH):
             raise InvalidInputError(
                 "strength", f"must be between {MIN_STRENGTH} and {MAX_STRENGTH}, got {self.strength}"
-            )
-        if self.uses_input_latents() and self.aspect_ratio != images.MATCH_INPUT_IMAGE:
-            name = "mask" if self.mask is not None else "strength"
-            raise InvalidInputError(
-                name,
-                f"needs aspect_ratio {images.MATCH_INPUT_IMAGE}: the edit starts from, or keeps, the input image at "
-                f"its own size (got aspect_ratio {self.aspect_ratio})",
             )
         check_strengths([item.strength for item in self.loras])
 
@@ -160,7 +155,7 @@ class EditResult:
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     context_tokens: int = 0  # packed tokens of the reference image(s)
     steps: int = 0  # denoising steps run: num_inference_steps, fewer at a strength below 1, 0 when none was needed
-    edited_fraction: float = 1.0  # share of the output's latent pixels the mask lets the edit change
+    edited_fraction: float = 1.0  # share of the output's latent pixels the edit changed (the mask's; 0: no step ran)
     lora_reused: bool | None = None  # whether the request's LoRAs were fused already; None: no LoRA ran
 
 
@@ -360,7 +355,7 @@ class KontextEditor:
             seconds,
             context_tokens=inputs.context.shape[1],
             steps=steps,
-            edited_fraction=_edited_fraction(inputs.source),
+            edited_fraction=_edited_fraction(inputs.source, steps),
             lora_reused=lora_reused,
         )
 
@@ -388,8 +383,10 @@ def _nothing_to_edit(request: EditRequest, source: sampling.SourceLatents | None
     return None
 
 
-def _edited_fraction(source: sampling.SourceLatents | None) -> float:
-    """The share of the output's latent pixels the edit may change: 1 without a mask."""
+def _edited_fraction(source: sampling.SourceLatents | None, steps: int) -> float:
+    """The share of the output's latent pixels the edit changed: 0 when no step ran, else 1 without a mask."""
+    if steps == 0:
+        return 0.0
     if source is None or source.mask is None:
         return 1.0
     return source.mask.mean().item()

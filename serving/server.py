@@ -244,7 +244,7 @@ def record(record_metric: RecordMetric, request: EditRequest, result: EditResult
     record_metric("seed", result.seed)
     record_metric("acceleration", str(request.acceleration))
     record_metric("context_tokens", result.context_tokens)
-    if request.mask is not None:
+    if request.uses_input_latents():  # a mask or a strength below 1: 0 when no step ran
         record_metric("edited_fraction", round(result.edited_fraction, 4))
     if request.loras:
         record_metric("loras", len(request.loras))

@@ -1,7 +1,7 @@
 """Masks and strength. At level none, our pipeline and diffusers' FluxKontextInpaintPipeline agree on the same
 tiny weights (with a mask, with a strength below 1, with both), and deliberately broken variants fail that
 comparison; outside the mask the final latents are the input image's, exactly, at every level; the edge cases
-(all white, all black, strength 0, another aspect ratio) do what they say."""
+(all white, all black, strength 0) do what they say; another aspect ratio edits the input stretched to it."""
 
 import logging
 import types
@@ -75,6 +75,53 @@ def test_matches_diffusers_inpainting(editor, reference, case):
     result = editor.edit(request(*CASES[case]))
     assert result.image.size == SIZE
     assert rel(result.latents, reference[case]) < TOLERANCE
+
+
+OTHER_RATIOS = {  # (aspect_ratio, mask, strength): the 4:3 input edited into another shape
+    "16:9, mask, strength 0.6": ("16:9", MASK, 0.6),
+    "1:1, mask": ("1:1", MASK, 1.0),
+    "9:16, strength 0.6": ("9:16", None, 0.6),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_RATIOS))
+def test_other_aspect_ratios_match_diffusers_inpainting_with_a_reference_image(tiny_dir, editor, case):
+    """Another aspect ratio: the input image and the mask stretched to the output size are what the edit starts
+    from and keeps; the context is the input at its own Kontext size. diffusers' inpainting pipeline does exactly
+    that given the stretched input as `image` and the input as `image_reference` (each given at the size we use,
+    so both resize once)."""
+    aspect_ratio, mask, strength = OTHER_RATIOS[case]
+    width, height = images.output_size(aspect_ratio, *IMAGE.size, 0.25)
+    assert (width, height) != SIZE
+    pipe = FluxKontextInpaintPipeline.from_pretrained(tiny_dir)
+    pipe.set_progress_bar_config(disable=True)
+    packed = pipe(
+        image=images._processor.resize(IMAGE, height, width),
+        image_reference=images._processor.resize(IMAGE, SIZE[1], SIZE[0]),
+        mask_image=mask if mask is not None else PIL.Image.new("L", IMAGE.size, 255),
+        prompt=PROMPT,
+        max_area=height * width,
+        _auto_resize=False,
+        strength=strength,
+        num_inference_steps=STEPS,
+        guidance_scale=2.5,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="latent",
+    ).images
+    result = editor.edit(request(mask, strength, aspect_ratio=aspect_ratio))
+    assert result.image.size == (width, height) and result.context_tokens == (SIZE[0] // 16) * (SIZE[1] // 16)
+    assert rel(result.latents, sampling.unpack(packed, height // 8, width // 8)) < TOLERANCE
+
+
+def test_a_square_input_at_1_1_is_the_same_edit_as_at_its_own_ratio(editor):
+    """1:1 and match_input_image give a square input the same output size: the same edit, bit for bit."""
+    square = make_image(300, 300)
+    mask = box_mask(square.size, (0, 0, 150, 300))
+    own, square_ratio = (
+        editor.edit(request(mask, 0.6, image=square, aspect_ratio=ratio)) for ratio in (images.MATCH_INPUT_IMAGE, "1:1")
+    )
+    assert own.image.size == square_ratio.image.size == (512, 512)
+    assert torch.equal(own.latents, square_ratio.latents)
 
 
 def _mask_inverted(monkeypatch):
@@ -155,7 +202,7 @@ def test_nothing_to_edit_returns_the_input_through_the_vae_with_a_warning(editor
     with caplog.at_level(logging.WARNING, logger="flux.pipeline"):
         result = editor.edit(request(mask, strength))
     assert f"{says}: the output is the input image through the VAE" in caplog.text
-    assert result.transformer_calls == 0 and result.steps == 0
+    assert result.transformer_calls == 0 and result.steps == 0 and result.edited_fraction == 0
     width, height = SIZE
     expected = editor.encode_image(images.image_to_tensor(IMAGE, width, height))
     assert torch.equal(result.latents, expected)
@@ -205,8 +252,6 @@ def test_a_mask_with_several_reference_images_keeps_input_image(editor):
 @pytest.mark.parametrize(
     "kw,name,says",
     [
-        ({"mask": MASK, "aspect_ratio": "16:9"}, "mask", "needs aspect_ratio match_input_image"),
-        ({"strength": 0.5, "aspect_ratio": "1:1"}, "strength", "needs aspect_ratio match_input_image"),
         ({"strength": 1.5}, "strength", "between 0.0 and 1.0"),
         ({"strength": -0.1}, "strength", "between 0.0 and 1.0"),
         ({"strength": float("nan")}, "strength", "between 0.0 and 1.0"),

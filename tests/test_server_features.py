@@ -291,7 +291,7 @@ def test_a_masked_edit_changes_only_the_masked_region(proxy_server):
 
 def test_strength_below_one_starts_from_the_input(server):
     at_zero = succeeded(server, strength=0.0, **DRAFT)
-    assert "strength 0.0 leaves no step to run" in at_zero["logs"]
+    assert "strength 0.0 leaves no step to run" in at_zero["logs"] and at_zero["metrics"]["edited_fraction"] == 0
     assert output_bytes(at_zero) == output_bytes(succeeded(server, mask=mask_uri(box=None), **DRAFT))  # round trip
     quarter = succeeded(server, strength=0.25, **DRAFT)
     assert quarter["metrics"]["steps"] == quarter["metrics"]["transformer_calls"] == 1  # a quarter of 4 steps
@@ -315,16 +315,21 @@ def test_masks_in_other_modes_and_sizes_edit(server, name):
     assert decode_output(body["output"]).size == (624, 416)
 
 
+@pytest.mark.parametrize("aspect_ratio", ["16:9", "1:1"])
+def test_a_mask_and_strength_with_another_aspect_ratio_edit_at_its_size(server, aspect_ratio):
+    body = succeeded(server, mask=mask_uri(), strength=0.75, aspect_ratio=aspect_ratio, **DRAFT)
+    assert decode_output(body["output"]).size == images.output_size(aspect_ratio, 300, 200, 0.25)
+    assert body["metrics"]["steps"] == 3 and body["metrics"]["edited_fraction"] == pytest.approx(0.25, abs=0.02)
+
+
 @pytest.mark.parametrize(
     "inputs,says",
     [
         ({"mask": "/etc/passwd"}, "mask must be an uploaded file, a data URI or an http(s) URL"),
         ({"mask": "data:image/png;base64,abcde"}, "mask could not be read: the data URI is not valid base64"),
         ({"mask": "http://127.0.0.1:9/mask.png"}, "mask could not be downloaded from 127.0.0.1:9: the URL"),
-        ({"mask": mask_uri(), "aspect_ratio": "16:9"}, "mask needs aspect_ratio match_input_image"),
-        ({"strength": 0.5, "aspect_ratio": "1:1"}, "strength needs aspect_ratio match_input_image"),
     ],
-    ids=["server-path", "bad-base64", "loopback-url", "aspect-ratio", "strength-aspect-ratio"],
+    ids=["server-path", "bad-base64", "loopback-url"],
 )
 def test_bad_mask_and_strength_inputs_are_named(server, inputs, says):
     assert failed(server, **inputs).startswith(says)
