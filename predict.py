@@ -25,7 +25,9 @@ class Predictor(BaseRunner):
     def run(
         self,
         prompt: str = Input(description="Text instruction describing the edit, e.g. 'make the car red'."),
-        input_image: Path = Input(description="Image to edit: jpeg, png, gif or webp."),
+        input_image: Path = Input(
+            description="Image to edit: jpeg, png, gif (first frame), webp, or what else Pillow reads (bmp, tiff, ...)."
+        ),
         input_images: list[Path] | None = Input(
             description="Up to 4 more reference images, e.g. a person and a place to put them in.",
             default=None,
@@ -64,7 +66,7 @@ class Predictor(BaseRunner):
             default="match_input_image",
         ),
         megapixels: str = Input(
-            description="Output size: 1 (about one megapixel), or 0.25 for a draft (every side halved, about 4x less work).",
+            description="Output size, a string: 1 (about one megapixel), or 0.25 for a draft (every side halved, about 4x less work).",
             choices=["1", "0.25"],
             default="1",
         ),

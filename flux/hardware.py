@@ -102,5 +102,6 @@ def serving_device(weights_dir: str | Path) -> str:
         "FLUX.1 Kontext [dev] needs one: its bfloat16 weights alone are about 34 GB. Start the container with "
         "a GPU (`docker run --gpus all`, or a GPU hardware type on Replicate) on a host whose NVIDIA driver "
         f"supports CUDA {torch.version.cuda or '12'}, or set {ENV_DEVICE}=cpu to run on the CPU anyway "
-        "(float32, about 67 GB of memory, minutes per edit)."
+        "(float32, about 67 GB of memory, minutes per edit). To try the server without a GPU or weights, serve "
+        "the tiny random-weight test model instead: script/serve --tiny."
     )

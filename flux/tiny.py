@@ -1,6 +1,6 @@
 """Synthetic FLUX.1 Kontext models: the tiny random-weight model, written in the diffusers layout.
 
-    python -m flux.tiny DIR
+    python -m flux.tiny DIR               (--if-missing: keep a complete one already there)
 
 The result has the same component classes and directory layout as
 black-forest-labs/FLUX.1-Kontext-dev (model_index.json, transformer/, vae/, text_encoder/,
@@ -324,12 +324,23 @@ def write_tiny_model(directory: str | Path, cfg: SyntheticConfig = TINY) -> Path
     return directory
 
 
+def tiny_model(directory: str | Path, cfg: SyntheticConfig = TINY) -> Path:
+    """The tiny model in `directory`: written there (write_tiny_model) unless a complete one is there already."""
+    directory = Path(directory)
+    needed = ("model_index.json", RANDOM_WEIGHTS_MARKER, *safety.CHECKER_FOLDERS)
+    if all((directory / name).exists() for name in needed):
+        return directory
+    return write_tiny_model(directory, cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="where to write the model (created if missing)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--if-missing", action="store_true", help="keep a complete tiny model already there")
     args = parser.parse_args(argv)
-    out = write_tiny_model(args.directory, SyntheticConfig(seed=args.seed))
+    write = tiny_model if args.if_missing else write_tiny_model
+    out = write(args.directory, SyntheticConfig(seed=args.seed))
     print(f"wrote a tiny RANDOM-weight FLUX.1 Kontext model to {out}", file=sys.stderr)
     return 0
 

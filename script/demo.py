@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = "out/tiny-model"  # where the demo and `script/serve --tiny` keep the tiny model
 
 
 def post_prediction(url: str, inputs: dict, attempts: int = 100) -> requests.Response:
@@ -58,13 +59,8 @@ def main() -> int:
 
     env = dict(os.environ, PORT=str(args.port), PYTHON=sys.executable)
     if not env.get("FLUX_WEIGHTS"):
-        sys.path.insert(0, str(ROOT))
-        from flux.safety import CHECKER_FOLDERS
-
-        tiny = ROOT / "out" / "tiny-model"
-        # A tiny model written before it had safety checkers is written again.
-        if not all((tiny / name).exists() for name in ("model_index.json", *CHECKER_FOLDERS)):
-            subprocess.run([sys.executable, "-m", "flux.tiny", str(tiny)], cwd=ROOT, check=True)
+        tiny = ROOT / TINY_MODEL
+        subprocess.run([sys.executable, "-m", "flux.tiny", "--if-missing", str(tiny)], cwd=ROOT, check=True)
         env["FLUX_WEIGHTS"] = str(tiny)
         print("Using the tiny RANDOM-weight model: the output shows the path works, not a real edit.")
 

@@ -112,11 +112,15 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(
-    weights: Path, workdir: Path, env: dict[str, str] | None = None, wait_for: tuple[str, ...] = ("READY",)
+    weights: Path | None,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    wait_for: tuple[str, ...] = ("READY",),
+    args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    """Run script/serve on a free port with FLUX_WEIGHTS=weights and TMPDIR=workdir/tmp; wait
-    until its health check reports one of `wait_for` (fail on any other final state); stop it
-    afterwards."""
+    """Run script/serve (with `args`) on a free port with FLUX_WEIGHTS=weights (None: as the environment has it)
+    and TMPDIR=workdir/tmp; wait until its health check reports one of `wait_for` (fail on any other final
+    state); stop it afterwards."""
     port = free_port()
     tmpdir = workdir / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
@@ -124,14 +128,14 @@ def running_server(
     full_env = {
         **os.environ,
         "PORT": str(port),
-        "FLUX_WEIGHTS": str(weights),
+        **({"FLUX_WEIGHTS": str(weights)} if weights is not None else {}),
         "PYTHON": sys.executable,
         "TMPDIR": str(tmpdir),
         **(env or {}),
     }
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [str(ROOT / "script" / "serve")],
+            [str(ROOT / "script" / "serve"), *args],
             env=full_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -47,6 +47,7 @@ def test_without_a_gpu_real_weights_are_refused(no_gpu, real_weights):
     assert "no CUDA GPU is visible to torch" in message
     assert f"torch {torch.__version__}" in message
     assert "--gpus all" in message and "FLUX_DEVICE=cpu" in message
+    assert "script/serve --tiny" in message  # what a newcomer without a GPU can run instead
 
 
 def test_torchs_own_explanation_is_kept(monkeypatch, real_weights):

@@ -228,6 +228,16 @@ def test_a_quarter_megapixel_halves_the_sizes(server, aspect_ratio):
     assert body["metrics"]["context_tokens"] == 624 * 416 // 256
 
 
+@pytest.mark.parametrize("value", [0.25, 1])
+def test_megapixels_as_a_number_gets_a_422_naming_it(server, value):
+    """A string choice, as Replicate's FLUX models take it (the README says so where it lists the inputs)."""
+    response = server.predict({**BASE, "megapixels": value})
+    assert response.status_code == 422, response.text
+    details = response.json()["detail"]
+    assert {tuple(d["loc"]) for d in details} == {("body", "input", "megapixels")}
+    assert f'{value} is not of type "string"' in [d["msg"] for d in details]
+
+
 def test_the_front_loaded_schedules_make_as_many_calls_as_their_levels(server):
     for schedule, calls in [("go fast, front-loaded", 18), ("go really fast, front-loaded", 13)]:
         body = succeeded(server, acceleration=schedule, num_inference_steps=28)
