@@ -7,16 +7,16 @@ then removed again (`unload_lora`), which leaves the plain modules with the merg
 fused one after the other, in the request's order, each at its own strength. The transformer keeps its
 structure, so a compiled transformer runs a LoRA request without recompiling.
 
-The fused LoRAs stay in the weights after the edit: a request for the same files at the same strengths (warm)
-finds them there and fuses nothing. A request for other LoRAs, or none, first gives each touched weight its
-original values back from a copy. Subtracting the LoRA again (`unfuse_lora`) would not give the same bits
-(bfloat16 rounding), and every request must give exactly the image a server that never saw another LoRA would
-give. The copies are made the first time a layer is touched and kept: the base weights never change, so later
-LoRA requests pay only the copy back. On a GPU a copy stays on the GPU while GPU_HEADROOM_BYTES stay free beside
-it (a device-to-device copy back: milliseconds for every layer), else it goes to pinned host memory, from which
-the copies back are queued without waiting (a LoRA over every linear layer of FLUX.1 touches ~24 GB: ~2 s over
-PCIe from pinned memory, several times that from pageable memory, which also blocks the host). On the CPU it is a
-plain copy.
+The fused LoRAs stay in the weights after the edit: a request for the same files at the same strengths (warm) finds
+them there and fuses nothing. A request for other LoRAs, or none, first gives each touched layer its original weight
+and bias back from a copy (peft adds a LoRA's lora_B bias, where it has one, to the layer's bias). Subtracting the
+LoRA again (`unfuse_lora`) would not give the same bits (bfloat16 rounding), and every request must give exactly the
+image a server that never saw another LoRA would give. The copies are made the first time a layer is touched and
+kept: the base weights never change, so later LoRA requests pay only the copy back. On a GPU a copy stays on the GPU
+while GPU_HEADROOM_BYTES stay free beside it (a device-to-device copy back: milliseconds for every layer), else it
+goes to pinned host memory, from which the copies back are queued without waiting (a LoRA over every linear layer of
+FLUX.1 touches ~24 GB: ~2 s over PCIe from pinned memory, several times that from pageable memory, which also blocks
+the host). On the CPU it is a plain copy.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ class LoraSlot:
     def __init__(self, transformer: torch.nn.Module, gpu_headroom: int = GPU_HEADROOM_BYTES):
         self.transformer = transformer
         self.gpu_headroom = gpu_headroom
-        # module name -> its original weight: on the GPU, in pinned host memory, or on the CPU (see the module)
+        # parameter name (a touched layer's weight or bias) -> its original: on the GPU, in pinned host memory,
+        # or on the CPU (see the module)
         self._originals: dict[str, torch.Tensor] = {}
         self._fused: tuple = ()  # _identity() of each LoRA fused now, in order; () while the weights are original
         self._touched: list[str] = []  # the modules whose weights the fused LoRAs changed
@@ -176,10 +177,9 @@ class LoraSlot:
         self.transformer.unload_lora()
 
     def _keep_originals(self, targets: list[str]) -> None:
-        modules = dict(self.transformer.named_modules())
-        for name in targets:
-            if name not in self._originals:
-                self._originals[name] = self._copy(modules[name].weight.detach())
+        for key, param in _merged_parameters(self.transformer, targets):
+            if key not in self._originals:
+                self._originals[key] = self._copy(param.detach())
 
     def _copy(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.device.type != "cuda":
@@ -194,11 +194,10 @@ class LoraSlot:
             self.transformer.unload_lora()
         for attr in ("lora_scale", "_safe_fusing"):  # set by fuse_lora; the model had neither before
             self.transformer.__dict__.pop(attr, None)
-        modules = dict(self.transformer.named_modules())
         with torch.no_grad():
-            for name in targets:
+            for key, param in _merged_parameters(self.transformer, targets):
                 # From the GPU or pinned memory: queued on the stream, before any later use of the weight.
-                modules[name].weight.copy_(self._originals[name], non_blocking=True)
+                param.copy_(self._originals[key], non_blocking=True)
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
@@ -266,6 +265,15 @@ def _target_modules(state_dict: dict[str, torch.Tensor], transformer: torch.nn.M
                 f"the LoRA's is {a.shape[1]}→{b.shape[0]} (rank {a.shape[0]})",
             )
     return targets
+
+
+def _merged_parameters(transformer: torch.nn.Module, targets: list[str]) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Every tensor a merge into the `targets` layers may write, by its state_dict name: each layer's weight, and
+    its bias (peft adds a LoRA's lora_B bias to it)."""
+    modules = dict(transformer.named_modules())
+    for name in targets:
+        for param_name, param in modules[name].named_parameters(recurse=False):
+            yield f"{name}.{param_name}", param
 
 
 def _linears(transformer: torch.nn.Module) -> Iterator[torch.nn.Linear]:

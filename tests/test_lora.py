@@ -54,6 +54,26 @@ def test_a_lora_changes_the_edit_and_leaves_nothing_behind(fresh_editor, lora_fi
     assert not hasattr(transformer, "peft_config") and "lora_scale" not in transformer.__dict__
 
 
+def test_a_lora_with_biases_is_taken_out_bit_for_bit(fresh_editor, tmp_path):
+    """peft merges a LoRA's lora_B biases into the layers' own biases: those come back too, and fusing the same
+    file again starts from the original biases, not from the last fuse's."""
+    path = write_tiny_lora(tmp_path, bias=True)
+    assert any(k.endswith("lora_B.bias") for k in load_file(path))
+    transformer = fresh_editor.components.transformer
+    original = {k: v.clone() for k, v in transformer.state_dict().items()}
+    fused_states = []
+    for _ in range(2):  # A, none, A, none
+        fresh_editor.lora.use([LoraRequest(path, 1.0)])
+        fused_states.append({k: v.clone() for k, v in transformer.state_dict().items()})
+        fresh_editor.lora.use([])
+        state = transformer.state_dict()
+        assert state.keys() == original.keys()
+        assert [k for k in original if not torch.equal(state[k], original[k])] == []
+    changed = [k for k in original if not torch.equal(fused_states[0][k], original[k])]
+    assert any(k.endswith("proj_out.bias") for k in changed) and any(k.endswith(".weight") for k in changed)
+    assert all(torch.equal(fused_states[0][k], fused_states[1][k]) for k in original)
+
+
 @pytest.mark.parametrize("prefixed", [True, False], ids=["pipeline format", "adapter format"])
 def test_the_fused_change_is_strength_times_alpha_over_rank_times_b_a(fresh_editor, tmp_path, prefixed):
     path = write_tiny_lora(tmp_path, rank=4, alpha=2.0, prefixed=prefixed)
