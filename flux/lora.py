@@ -118,8 +118,11 @@ class LoraSlot:
         # parameter name (a touched layer's weight or bias) -> its original: on the GPU, in pinned host memory,
         # or on the CPU (see the module)
         self._originals: dict[str, torch.Tensor] = {}
-        self._fused: tuple = ()  # _identity() of each LoRA fused now, in order; () while the weights are original
-        self._touched: list[str] = []  # the modules whose weights the fused LoRAs changed
+        # _identity() of each LoRA fused now, in order; () while the weights are the original ones; None while a
+        # fuse or a restore is under way, and after one was cut short (Cog cancels a prediction by raising in its
+        # thread, wherever it is): the touched layers then hold a mix, and the next use() restores them in full.
+        self._fused: tuple | None = ()
+        self._touched: list[str] = []  # the layers whose weights (and biases) the fused LoRAs may have changed
 
     def check_supported(self) -> None:
         """Refuse the accelerations a LoRA cannot be fused into."""
@@ -133,7 +136,8 @@ class LoraSlot:
         """Make the transformer's weights the original ones with `loras` fused, in order, each at its strength
         (none: the original weights). Nothing is done when exactly these are fused already. Every file is read
         and checked before any weight changes, so a refused LoRA leaves the weights as they were; a failure
-        while fusing leaves the original weights."""
+        while fusing leaves the original weights; a cancel that cuts a fuse or a restore short leaves them to
+        the next use(), which restores every touched layer before anything else."""
         loras = tuple(loras)
         wanted = tuple(_identity(lora) for lora in loras)
         if wanted == self._fused:
@@ -145,14 +149,16 @@ class LoraSlot:
         t0 = clock.now(device)
         read = [_read_for(self.transformer, lora.path, i, len(loras)) for i, lora in enumerate(loras)]
         load_s = clock.now(device) - t0
-        if self._fused:
+        if self._fused != ():
             t0 = clock.now(device)
             self.restore()
             seconds["lora_unload"] = clock.now(device) - t0
         if loras:
             t0 = clock.now(device)
-            self._touched = sorted({name for _, targets in read for name in targets})
-            self._keep_originals(self._touched)
+            self._fused = None  # until every LoRA is fused
+            targets = sorted({name for _, targets in read for name in targets})
+            self._keep_originals(targets)  # before any of them changes: a layer in _touched always has its copy
+            self._touched = targets
             try:
                 for ((state_dict, alphas, metadata), _), lora in zip(read, loras, strict=True):
                     self._fuse(state_dict, alphas, metadata, lora.strength)
@@ -164,7 +170,9 @@ class LoraSlot:
         return LoraUse(reused=False, seconds=seconds)
 
     def restore(self) -> None:
-        """The original weights back, bit for bit; nothing is fused afterwards."""
+        """The original weights back, bit for bit; nothing is fused afterwards. Cut short, it leaves the slot
+        marked unfinished, and the next use() restores every touched layer again."""
+        self._fused = None
         self._restore(self._touched)
         self._touched, self._fused = [], ()
 

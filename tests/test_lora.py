@@ -6,9 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+from cog import CancelationException
 from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
 
+from flux import lora as lora_module
 from flux import optimize
 from flux.errors import InvalidInputError
 from flux.lora import LoraRequest, LoraSlot, keeps_on_gpu
@@ -261,6 +263,71 @@ def test_a_failure_while_fusing_leaves_the_original_weights(fresh_editor, lora_f
     assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
     monkeypatch.undo()
     assert fresh_editor.lora.use([LoraRequest(lora_file, 1.0)]).reused is False  # nothing counted as fused
+
+
+def weights(transformer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in transformer.state_dict().items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def cancel_restores_after(monkeypatch, copies: int) -> None:
+    """From now on a restore is canceled as Cog cancels a prediction (CancelationException raised in the predict
+    thread, wherever it is) after it has copied `copies` tensors back."""
+    real = lora_module._merged_parameters
+
+    def copied_then_canceled(transformer, targets):
+        for i, item in enumerate(real(transformer, targets)):
+            if i == copies:
+                raise CancelationException("canceled")
+            yield item
+
+    monkeypatch.setattr(lora_module, "_merged_parameters", copied_then_canceled)
+
+
+def test_a_restore_canceled_part_way_is_done_again_in_full(fresh_editor, lora_file, monkeypatch):
+    slot, transformer = fresh_editor.lora, fresh_editor.components.transformer
+    original = weights(transformer)
+    slot.use([LoraRequest(lora_file, 1.0)])
+    fused = weights(transformer)
+    cancel_restores_after(monkeypatch, 5)
+    with pytest.raises(CancelationException):
+        slot.use([])
+    monkeypatch.undo()
+    mixed = weights(transformer)
+    assert not same(mixed, original) and not same(mixed, fused)  # canceled part way
+    again = slot.use([LoraRequest(lora_file, 1.0)])
+    assert again.reused is False and "lora_unload" in again.seconds  # not the LoRA fused: all restored, fused anew
+    assert same(weights(transformer), fused)
+    cancel_restores_after(monkeypatch, 3)
+    with pytest.raises(CancelationException):
+        slot.restore()
+    monkeypatch.undo()
+    slot.use([])
+    assert same(weights(transformer), original)
+
+
+def test_a_fuse_canceled_with_its_clean_up_is_undone_by_the_next_use(fresh_editor, lora_file, second_lora, monkeypatch):
+    """A cancel while the second LoRA fuses, and another while the first is taken out again."""
+    slot, transformer = fresh_editor.lora, fresh_editor.components.transformer
+    original = weights(transformer)
+    real, fused = slot._fuse, []
+
+    def fuse_then_cancel(*args, **kwargs):
+        if fused:
+            cancel_restores_after(monkeypatch, 4)
+            raise CancelationException("canceled")
+        fused.append(real(*args, **kwargs))
+
+    monkeypatch.setattr(slot, "_fuse", fuse_then_cancel)
+    with pytest.raises(CancelationException):
+        slot.use([LoraRequest(lora_file, 1.0), LoraRequest(second_lora, 1.0)])
+    monkeypatch.undo()
+    assert not same(weights(transformer), original)
+    slot.use([])
+    assert same(weights(transformer), original)
 
 
 @pytest.mark.parametrize(
