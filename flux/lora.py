@@ -7,23 +7,23 @@ then removed again (`unload_lora`), which leaves the plain modules with the merg
 fused one after the other, in the request's order, each at its own strength. The transformer keeps its
 structure, so a compiled transformer runs a LoRA request without recompiling.
 
-The fused LoRAs stay in the weights after the edit: a request for the same files at the same strengths (warm) finds
-them there and fuses nothing. A request for other LoRAs, or none, first gives each touched layer its original weight
-and bias back from a copy (peft adds a LoRA's lora_B bias, where it has one, to the layer's bias). Subtracting the
-LoRA again (`unfuse_lora`) would not give the same bits (bfloat16 rounding), and every request must give exactly the
-image a server that never saw another LoRA would give. The copies are made the first time a layer is touched and
-kept: the base weights never change, so later LoRA requests pay only the copy back. On a GPU a copy stays on the GPU
-while GPU_HEADROOM_BYTES stay free beside it (a device-to-device copy back: milliseconds for every layer), else it
-goes to pinned host memory, from which the copies back are queued without waiting (a LoRA over every linear layer of
-FLUX.1 touches ~24 GB: ~2 s over PCIe from pinned memory, several times that from pageable memory, which also blocks
-the host). On the CPU it is a plain copy.
+The fused LoRAs stay in the weights after the edit: a request for the same files (the same bytes) at the same
+strengths (warm) finds them there and fuses nothing. A request for other LoRAs, or none, first gives each touched
+layer its original weight and bias back from a copy (peft adds a LoRA's lora_B bias, where it has one, to the
+layer's bias). Subtracting the LoRA again (`unfuse_lora`) would not give the same bits (bfloat16 rounding), and
+every request must give exactly the image a server that never saw another LoRA would give. The copies are made the
+first time a layer is touched and kept: the base weights never change, so later LoRA requests pay only the copy
+back. On a GPU a copy stays on the GPU while GPU_HEADROOM_BYTES stay free beside it (a device-to-device copy back:
+milliseconds for every layer), else it goes to pinned host memory, from which the copies back are queued without
+waiting (a LoRA over every linear layer of FLUX.1 touches ~24 GB: ~2 s over PCIe from pinned memory, several times
+that from pageable memory, which also blocks the host). On the CPU it is a plain copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +70,15 @@ class LoraRequest:
 
     path: Path
     strength: float = 1.0
+    # The sha256 of the file's bytes (hex), when the caller knows it: the server's cache computes it while writing
+    # the file. None: LoraSlot.use() reads the whole file to compute it, on every call (~1 s for a 1.3 GB LoRA).
+    sha256: str | None = None
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 GPU_HEADROOM_BYTES = 16 * 2**30
@@ -98,14 +107,16 @@ class LoraUse:
 
 
 def _identity(lora: LoraRequest) -> tuple:
-    """What makes a fused LoRA the same as a requested one: the same file (path, device, inode and size: the
-    server's cache renames every new file into place, so a file fetched again is another file) at the same
+    """What makes a fused LoRA the same as a requested one: the same bytes (their sha256, whatever the file's name;
+    a file's path, inode and size say nothing about its bytes once it is rewritten or replaced) at the same
     strength."""
-    try:
-        st = os.stat(lora.path)
-    except OSError:
-        return (str(lora.path), None, float(lora.strength))
-    return (str(Path(lora.path).resolve()), (st.st_dev, st.st_ino, st.st_size), float(lora.strength))
+    digest = lora.sha256
+    if digest is None:
+        try:
+            digest = file_sha256(lora.path)
+        except OSError:  # nothing that can be fused: reading the file names it (lora_weights)
+            return (None, str(lora.path), float(lora.strength))
+    return (digest, float(lora.strength))
 
 
 class LoraSlot:

@@ -3,6 +3,7 @@ while the next requests ask for the same ones (nothing fused again), and when a 
 the transformer is bit for bit what it was, also when compiled (without a recompile)."""
 
 import dataclasses
+import hashlib
 
 import pytest
 import torch
@@ -221,15 +222,28 @@ def test_the_same_loras_stay_fused_and_give_the_same_edit(fresh_editor, lora_fil
     assert calls["restore"] == 3
 
 
-def test_a_file_fetched_again_is_fused_again(fresh_editor, lora_file, tmp_path):
-    copy = tmp_path / "lora.safetensors"
-    copy.write_bytes(lora_file.read_bytes())
-    slot = fresh_editor.lora
-    assert [slot.use([LoraRequest(copy, 1.0)]).reused for _ in range(2)] == [False, True]
-    replacement = tmp_path / "new.partial"
-    replacement.write_bytes(lora_file.read_bytes())
-    replacement.replace(copy)  # as the server's cache puts a fetched file in place: another file, same name
-    assert slot.use([LoraRequest(copy, 1.0)]).reused is False
+def test_the_same_lora_is_known_by_its_bytes(fresh_editor, lora_file, tmp_path):
+    """A path rewritten in place with other bytes of the same size (the same inode: a number that also comes back
+    after an unlink) holds another LoRA; the same bytes under another name, or the digest the server's cache
+    hands over with a file, are the same LoRA."""
+    other = write_tiny_lora(tmp_path / "other", seed=5)
+    assert other.stat().st_size == lora_file.stat().st_size and other.read_bytes() != lora_file.read_bytes()
+    slot, transformer = fresh_editor.lora, fresh_editor.components.transformer
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(lora_file.read_bytes())
+    assert [slot.use([LoraRequest(path, 1.0)]).reused for _ in range(2)] == [False, True]
+    inode = path.stat().st_ino
+    with open(path, "r+b") as f:
+        f.write(other.read_bytes())
+    assert path.stat().st_ino == inode
+    assert slot.use([LoraRequest(path, 1.0)]).reused is False
+    rewritten = weights(transformer)
+    assert slot.use([LoraRequest(other, 1.0)]).reused is True
+    slot.use([])
+    assert slot.use([LoraRequest(other, 1.0)]).reused is False
+    assert same(weights(transformer), rewritten)  # what the rewritten path fused was the new LoRA
+    digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert slot.use([LoraRequest(path, 1.0, sha256=digest)]).reused is True
     slot.restore()
 
 
