@@ -129,6 +129,26 @@ def test_a_lora_with_biases_leaves_nothing_behind(private_server, http, never_sa
     assert outputs[0] == outputs[2] != never_saw_a_lora
 
 
+def test_loras_that_pass_the_cache_bound_together_are_refused_saying_so(
+    tiny_dir, tmp_path_factory, http, lora_bytes, second_lora_bytes, bias_lora_bytes
+):
+    """A LoRA cache with room for any two of the three files: a request for all three is refused with the sizes
+    and the bound, and the two files it fetched first are still in the cache (not dropped for the third)."""
+    sizes = [len(b) for b in (lora_bytes, second_lora_bytes, bias_lora_bytes)]
+    env = {"FLUX_ALLOW_PRIVATE_URLS": "1", "FLUX_LORA_CACHE_BYTES": str(sum(sizes) - 1)}
+    urls = [f"{http.url}/{name}.safetensors" for name in ("lora", "second", "bias")]
+    with running_server(tiny_dir, tmp_path_factory.mktemp("small-cache"), env) as small_cache:
+        fetched = [http.requested.count(f"/{name}.safetensors") for name in ("lora", "second")]
+        for _ in range(2):
+            error = failed(small_cache, lora_weights=urls, **DRAFT)
+            total = " + ".join(f"{size:,}" for size in sizes)
+            assert error.startswith(
+                f"lora_weights items 1, 2 and 3 take {total} = {sum(sizes):,} bytes together, more than this "
+                f"server's LoRA cache holds (FLUX_LORA_CACHE_BYTES: {sum(sizes) - 1:,} bytes)"
+            ), error
+        assert [http.requested.count(f"/{name}.safetensors") for name in ("lora", "second")] == [n + 1 for n in fetched]
+
+
 def test_two_loras_apply_and_leave_no_trace(private_server, http):
     a, b = f"{http.url}/lora.safetensors", f"{http.url}/second.safetensors"
     plain = output_bytes(succeeded(private_server, **DRAFT))
