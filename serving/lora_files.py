@@ -153,22 +153,19 @@ class LoraCache:
             self._digests.pop(oldest, None)
 
 
-class _PastTheBound(InvalidInputError):
-    """A request's files (item, size) that cannot all fit the cache's bound together."""
+class _PastTheBound(Exception):
+    """A request's files (item, size) that cannot all fit the cache's bound together: `problem` says so."""
 
     def __init__(self, items: list[tuple[int, int]], bound: int):
-        where = f"(FLUX_LORA_CACHE_BYTES: {bound:,} bytes)"
+        where = f"more than this server's LoRA cache holds (FLUX_LORA_CACHE_BYTES: {bound:,} bytes)"
         if len(items) == 1:
-            super().__init__(NAME, f"takes {items[0][1]:,} bytes, more than this server's LoRA cache holds {where}")
-            return
-        *first, last = (str(i + 1) for i, _ in items)
-        sizes = " + ".join(f"{size:,}" for _, size in items)
-        total = sum(size for _, size in items)
-        super().__init__(
-            NAME,
-            f"items {', '.join(first)} and {last} take {sizes} = {total:,} bytes together, more than this "
-            f"server's LoRA cache holds {where}",
-        )
+            self.problem = f"takes {items[0][1]:,} bytes, {where}"
+        else:
+            *first, last = (str(i + 1) for i, _ in items)
+            sizes = " + ".join(f"{size:,}" for _, size in items)
+            total = sum(size for _, size in items)
+            self.problem = f"items {', '.join(first)} and {last} take {sizes} = {total:,} bytes together, {where}"
+        super().__init__(self.problem)
 
 
 class _Hashing:
