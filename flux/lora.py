@@ -7,23 +7,23 @@ then removed again (`unload_lora`), which leaves the plain modules with the merg
 fused one after the other, in the request's order, each at its own strength. The transformer keeps its
 structure, so a compiled transformer runs a LoRA request without recompiling.
 
-The fused LoRAs stay in the weights after the edit: a request for the same files at the same strengths (warm)
-finds them there and fuses nothing. A request for other LoRAs, or none, first gives each touched weight its
-original values back from a copy. Subtracting the LoRA again (`unfuse_lora`) would not give the same bits
-(bfloat16 rounding), and every request must give exactly the image a server that never saw another LoRA would
-give. The copies are made the first time a layer is touched and kept: the base weights never change, so later
-LoRA requests pay only the copy back. On a GPU a copy stays on the GPU while GPU_HEADROOM_BYTES stay free beside
-it (a device-to-device copy back: milliseconds for every layer), else it goes to pinned host memory, from which
-the copies back are queued without waiting (a LoRA over every linear layer of FLUX.1 touches ~24 GB: ~2 s over
-PCIe from pinned memory, several times that from pageable memory, which also blocks the host). On the CPU it is a
-plain copy.
+The fused LoRAs stay in the weights after the edit: a request for the same files (the same bytes) at the same
+strengths (warm) finds them there and fuses nothing. A request for other LoRAs, or none, first gives each touched
+layer its original weight and bias back from a copy (peft adds a LoRA's lora_B bias, where it has one, to the
+layer's bias). Subtracting the LoRA again (`unfuse_lora`) would not give the same bits (bfloat16 rounding), and
+every request must give exactly the image a server that never saw another LoRA would give. The copies are made the
+first time a layer is touched and kept: the base weights never change, so later LoRA requests pay only the copy
+back. On a GPU a copy stays on the GPU while GPU_HEADROOM_BYTES stay free beside it (a device-to-device copy back:
+milliseconds for every layer), else it goes to pinned host memory, from which the copies back are queued without
+waiting (a LoRA over every linear layer of FLUX.1 touches ~24 GB: ~2 s over PCIe from pinned memory, several times
+that from pageable memory, which also blocks the host). On the CPU it is a plain copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +70,15 @@ class LoraRequest:
 
     path: Path
     strength: float = 1.0
+    # The sha256 of the file's bytes (hex), when the caller knows it: the server's cache computes it while writing
+    # the file. None: LoraSlot.use() reads the whole file to compute it, on every call (~1 s for a 1.3 GB LoRA).
+    sha256: str | None = None
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 GPU_HEADROOM_BYTES = 16 * 2**30
@@ -98,14 +107,16 @@ class LoraUse:
 
 
 def _identity(lora: LoraRequest) -> tuple:
-    """What makes a fused LoRA the same as a requested one: the same file (path, device, inode and size: the
-    server's cache renames every new file into place, so a file fetched again is another file) at the same
+    """What makes a fused LoRA the same as a requested one: the same bytes (their sha256, whatever the file's name;
+    a file's path, inode and size say nothing about its bytes once it is rewritten or replaced) at the same
     strength."""
-    try:
-        st = os.stat(lora.path)
-    except OSError:
-        return (str(lora.path), None, float(lora.strength))
-    return (str(Path(lora.path).resolve()), (st.st_dev, st.st_ino, st.st_size), float(lora.strength))
+    digest = lora.sha256
+    if digest is None:
+        try:
+            digest = file_sha256(lora.path)
+        except OSError:  # nothing that can be fused: reading the file names it (lora_weights)
+            return (None, str(lora.path), float(lora.strength))
+    return (digest, float(lora.strength))
 
 
 class LoraSlot:
@@ -115,10 +126,14 @@ class LoraSlot:
     def __init__(self, transformer: torch.nn.Module, gpu_headroom: int = GPU_HEADROOM_BYTES):
         self.transformer = transformer
         self.gpu_headroom = gpu_headroom
-        # module name -> its original weight: on the GPU, in pinned host memory, or on the CPU (see the module)
+        # parameter name (a touched layer's weight or bias) -> its original: on the GPU, in pinned host memory,
+        # or on the CPU (see the module)
         self._originals: dict[str, torch.Tensor] = {}
-        self._fused: tuple = ()  # _identity() of each LoRA fused now, in order; () while the weights are original
-        self._touched: list[str] = []  # the modules whose weights the fused LoRAs changed
+        # _identity() of each LoRA fused now, in order; () while the weights are the original ones; None while a
+        # fuse or a restore is under way, and after one was cut short (Cog cancels a prediction by raising in its
+        # thread, wherever it is): the touched layers then hold a mix, and the next use() restores them in full.
+        self._fused: tuple | None = ()
+        self._touched: list[str] = []  # the layers whose weights (and biases) the fused LoRAs may have changed
 
     def check_supported(self) -> None:
         """Refuse the accelerations a LoRA cannot be fused into."""
@@ -132,7 +147,8 @@ class LoraSlot:
         """Make the transformer's weights the original ones with `loras` fused, in order, each at its strength
         (none: the original weights). Nothing is done when exactly these are fused already. Every file is read
         and checked before any weight changes, so a refused LoRA leaves the weights as they were; a failure
-        while fusing leaves the original weights."""
+        while fusing leaves the original weights; a cancel that cuts a fuse or a restore short leaves them to
+        the next use(), which restores every touched layer before anything else."""
         loras = tuple(loras)
         wanted = tuple(_identity(lora) for lora in loras)
         if wanted == self._fused:
@@ -144,14 +160,16 @@ class LoraSlot:
         t0 = clock.now(device)
         read = [_read_for(self.transformer, lora.path, i, len(loras)) for i, lora in enumerate(loras)]
         load_s = clock.now(device) - t0
-        if self._fused:
+        if self._fused != ():
             t0 = clock.now(device)
             self.restore()
             seconds["lora_unload"] = clock.now(device) - t0
         if loras:
             t0 = clock.now(device)
-            self._touched = sorted({name for _, targets in read for name in targets})
-            self._keep_originals(self._touched)
+            self._fused = None  # until every LoRA is fused
+            targets = sorted({name for _, targets in read for name in targets})
+            self._keep_originals(targets)  # before any of them changes: a layer in _touched always has its copy
+            self._touched = targets
             try:
                 for ((state_dict, alphas, metadata), _), lora in zip(read, loras, strict=True):
                     self._fuse(state_dict, alphas, metadata, lora.strength)
@@ -163,7 +181,9 @@ class LoraSlot:
         return LoraUse(reused=False, seconds=seconds)
 
     def restore(self) -> None:
-        """The original weights back, bit for bit; nothing is fused afterwards."""
+        """The original weights back, bit for bit; nothing is fused afterwards. Cut short, it leaves the slot
+        marked unfinished, and the next use() restores every touched layer again."""
+        self._fused = None
         self._restore(self._touched)
         self._touched, self._fused = [], ()
 
@@ -176,10 +196,9 @@ class LoraSlot:
         self.transformer.unload_lora()
 
     def _keep_originals(self, targets: list[str]) -> None:
-        modules = dict(self.transformer.named_modules())
-        for name in targets:
-            if name not in self._originals:
-                self._originals[name] = self._copy(modules[name].weight.detach())
+        for key, param in _merged_parameters(self.transformer, targets):
+            if key not in self._originals:
+                self._originals[key] = self._copy(param.detach())
 
     def _copy(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.device.type != "cuda":
@@ -194,11 +213,10 @@ class LoraSlot:
             self.transformer.unload_lora()
         for attr in ("lora_scale", "_safe_fusing"):  # set by fuse_lora; the model had neither before
             self.transformer.__dict__.pop(attr, None)
-        modules = dict(self.transformer.named_modules())
         with torch.no_grad():
-            for name in targets:
+            for key, param in _merged_parameters(self.transformer, targets):
                 # From the GPU or pinned memory: queued on the stream, before any later use of the weight.
-                modules[name].weight.copy_(self._originals[name], non_blocking=True)
+                param.copy_(self._originals[key], non_blocking=True)
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
@@ -266,6 +284,15 @@ def _target_modules(state_dict: dict[str, torch.Tensor], transformer: torch.nn.M
                 f"the LoRA's is {a.shape[1]}→{b.shape[0]} (rank {a.shape[0]})",
             )
     return targets
+
+
+def _merged_parameters(transformer: torch.nn.Module, targets: list[str]) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Every tensor a merge into the `targets` layers may write, by its state_dict name: each layer's weight, and
+    its bias (peft adds a LoRA's lora_B bias to it)."""
+    modules = dict(transformer.named_modules())
+    for name in targets:
+        for param_name, param in modules[name].named_parameters(recurse=False):
+            yield f"{name}.{param_name}", param
 
 
 def _linears(transformer: torch.nn.Module) -> Iterator[torch.nn.Linear]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from flux.lora import LoraRequest, LoraSlot
+from flux.lora import LoraRequest, LoraSlot, file_sha256
 from flux.tiny import TINY, SyntheticConfig, build_pipeline
 
 WIDE = dataclasses.replace(TINY, num_attention_heads=24, attention_head_dim=128, axes_dims_rope=(16, 56, 56))
@@ -56,10 +56,9 @@ def measure(cfg: SyntheticConfig, rank: int, count: int, repeats: int) -> dict[s
     transformer = build_pipeline(cfg).transformer
     slot = LoraSlot(transformer)
     with tempfile.TemporaryDirectory() as tmp:
-        loras = [
-            LoraRequest(write_random_lora(transformer, Path(tmp) / f"lora-{i}.safetensors", rank, seed=i), 1.0)
-            for i in range(count)
-        ]
+        paths = [write_random_lora(transformer, Path(tmp) / f"lora-{i}.safetensors", rank, i) for i in range(count)]
+        # with their digests, as the server's cache hands them over (computed once, while it writes each file)
+        loras = [LoraRequest(path, 1.0, sha256=file_sha256(path)) for path in paths]
         slot.use(loras)  # the first fuse also keeps the CPU copies of the originals, once per server: not timed
         slot.restore()
         cold, warm = [], []

@@ -149,7 +149,8 @@ class EditServer:
 
     def loras(self, sources: list, strengths: list | None) -> tuple[lora.LoraRequest, ...]:
         """lora_weights and lora_strength (one per LoRA, in the same order; left out: each the default) as local
-        files and strengths. Counts and strengths are checked before anything is fetched."""
+        files, with the digests the cache computed while writing them, and strengths. Counts and strengths are
+        checked before anything is fetched."""
         if strengths is None:
             strengths = [lora.LoraRequest.__dataclass_fields__["strength"].default] * len(sources)
         if len(strengths) != len(sources):
@@ -158,15 +159,8 @@ class EditServer:
                 f"holds {len(strengths)} values for {len(sources)} LoRAs: one per LoRA in lora_weights, in its order",
             )
         lora.check_strengths(strengths)
-        loras = []
-        for i, (source, strength) in enumerate(zip(sources, strengths, strict=True)):
-            try:
-                if not isinstance(source, str) or not source.strip():
-                    raise InvalidInputError(lora.INPUT, "is blank: leave lora_weights out (or null) for no LoRA")
-                loras.append(lora.LoraRequest(self.lora_cache.resolve(source), strength))
-            except InvalidInputError as e:
-                raise (e.for_item(i) if len(sources) > 1 else e) from None
-        return tuple(loras)
+        files = self.lora_cache.resolve_all(sources)  # as one: none of them makes room for another
+        return tuple(lora.LoraRequest(f.path, s, f.sha256) for f, s in zip(files, strengths, strict=True))
 
     def healthy(self) -> bool:
         """False once a rank of a server on several GPUs is lost (it cannot edit until restarted)."""

@@ -3,12 +3,15 @@ while the next requests ask for the same ones (nothing fused again), and when a 
 the transformer is bit for bit what it was, also when compiled (without a recompile)."""
 
 import dataclasses
+import hashlib
 
 import pytest
 import torch
+from cog import CancelationException
 from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
 
+from flux import lora as lora_module
 from flux import optimize
 from flux.errors import InvalidInputError
 from flux.lora import LoraRequest, LoraSlot, keeps_on_gpu
@@ -52,6 +55,26 @@ def test_a_lora_changes_the_edit_and_leaves_nothing_behind(fresh_editor, lora_fi
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
     assert [(n, type(m)) for n, m in transformer.named_modules()] == modules_before
     assert not hasattr(transformer, "peft_config") and "lora_scale" not in transformer.__dict__
+
+
+def test_a_lora_with_biases_is_taken_out_bit_for_bit(fresh_editor, tmp_path):
+    """peft merges a LoRA's lora_B biases into the layers' own biases: those come back too, and fusing the same
+    file again starts from the original biases, not from the last fuse's."""
+    path = write_tiny_lora(tmp_path, bias=True)
+    assert any(k.endswith("lora_B.bias") for k in load_file(path))
+    transformer = fresh_editor.components.transformer
+    original = {k: v.clone() for k, v in transformer.state_dict().items()}
+    fused_states = []
+    for _ in range(2):  # A, none, A, none
+        fresh_editor.lora.use([LoraRequest(path, 1.0)])
+        fused_states.append({k: v.clone() for k, v in transformer.state_dict().items()})
+        fresh_editor.lora.use([])
+        state = transformer.state_dict()
+        assert state.keys() == original.keys()
+        assert [k for k in original if not torch.equal(state[k], original[k])] == []
+    changed = [k for k in original if not torch.equal(fused_states[0][k], original[k])]
+    assert any(k.endswith("proj_out.bias") for k in changed) and any(k.endswith(".weight") for k in changed)
+    assert all(torch.equal(fused_states[0][k], fused_states[1][k]) for k in original)
 
 
 @pytest.mark.parametrize("prefixed", [True, False], ids=["pipeline format", "adapter format"])
@@ -199,15 +222,28 @@ def test_the_same_loras_stay_fused_and_give_the_same_edit(fresh_editor, lora_fil
     assert calls["restore"] == 3
 
 
-def test_a_file_fetched_again_is_fused_again(fresh_editor, lora_file, tmp_path):
-    copy = tmp_path / "lora.safetensors"
-    copy.write_bytes(lora_file.read_bytes())
-    slot = fresh_editor.lora
-    assert [slot.use([LoraRequest(copy, 1.0)]).reused for _ in range(2)] == [False, True]
-    replacement = tmp_path / "new.partial"
-    replacement.write_bytes(lora_file.read_bytes())
-    replacement.replace(copy)  # as the server's cache puts a fetched file in place: another file, same name
-    assert slot.use([LoraRequest(copy, 1.0)]).reused is False
+def test_the_same_lora_is_known_by_its_bytes(fresh_editor, lora_file, tmp_path):
+    """A path rewritten in place with other bytes of the same size (the same inode: a number that also comes back
+    after an unlink) holds another LoRA; the same bytes under another name, or the digest the server's cache
+    hands over with a file, are the same LoRA."""
+    other = write_tiny_lora(tmp_path / "other", seed=5)
+    assert other.stat().st_size == lora_file.stat().st_size and other.read_bytes() != lora_file.read_bytes()
+    slot, transformer = fresh_editor.lora, fresh_editor.components.transformer
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(lora_file.read_bytes())
+    assert [slot.use([LoraRequest(path, 1.0)]).reused for _ in range(2)] == [False, True]
+    inode = path.stat().st_ino
+    with open(path, "r+b") as f:
+        f.write(other.read_bytes())
+    assert path.stat().st_ino == inode
+    assert slot.use([LoraRequest(path, 1.0)]).reused is False
+    rewritten = weights(transformer)
+    assert slot.use([LoraRequest(other, 1.0)]).reused is True
+    slot.use([])
+    assert slot.use([LoraRequest(other, 1.0)]).reused is False
+    assert same(weights(transformer), rewritten)  # what the rewritten path fused was the new LoRA
+    digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert slot.use([LoraRequest(path, 1.0, sha256=digest)]).reused is True
     slot.restore()
 
 
@@ -241,6 +277,71 @@ def test_a_failure_while_fusing_leaves_the_original_weights(fresh_editor, lora_f
     assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
     monkeypatch.undo()
     assert fresh_editor.lora.use([LoraRequest(lora_file, 1.0)]).reused is False  # nothing counted as fused
+
+
+def weights(transformer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in transformer.state_dict().items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def cancel_restores_after(monkeypatch, copies: int) -> None:
+    """From now on a restore is canceled as Cog cancels a prediction (CancelationException raised in the predict
+    thread, wherever it is) after it has copied `copies` tensors back."""
+    real = lora_module._merged_parameters
+
+    def copied_then_canceled(transformer, targets):
+        for i, item in enumerate(real(transformer, targets)):
+            if i == copies:
+                raise CancelationException("canceled")
+            yield item
+
+    monkeypatch.setattr(lora_module, "_merged_parameters", copied_then_canceled)
+
+
+def test_a_restore_canceled_part_way_is_done_again_in_full(fresh_editor, lora_file, monkeypatch):
+    slot, transformer = fresh_editor.lora, fresh_editor.components.transformer
+    original = weights(transformer)
+    slot.use([LoraRequest(lora_file, 1.0)])
+    fused = weights(transformer)
+    cancel_restores_after(monkeypatch, 5)
+    with pytest.raises(CancelationException):
+        slot.use([])
+    monkeypatch.undo()
+    mixed = weights(transformer)
+    assert not same(mixed, original) and not same(mixed, fused)  # canceled part way
+    again = slot.use([LoraRequest(lora_file, 1.0)])
+    assert again.reused is False and "lora_unload" in again.seconds  # not the LoRA fused: all restored, fused anew
+    assert same(weights(transformer), fused)
+    cancel_restores_after(monkeypatch, 3)
+    with pytest.raises(CancelationException):
+        slot.restore()
+    monkeypatch.undo()
+    slot.use([])
+    assert same(weights(transformer), original)
+
+
+def test_a_fuse_canceled_with_its_clean_up_is_undone_by_the_next_use(fresh_editor, lora_file, second_lora, monkeypatch):
+    """A cancel while the second LoRA fuses, and another while the first is taken out again."""
+    slot, transformer = fresh_editor.lora, fresh_editor.components.transformer
+    original = weights(transformer)
+    real, fused = slot._fuse, []
+
+    def fuse_then_cancel(*args, **kwargs):
+        if fused:
+            cancel_restores_after(monkeypatch, 4)
+            raise CancelationException("canceled")
+        fused.append(real(*args, **kwargs))
+
+    monkeypatch.setattr(slot, "_fuse", fuse_then_cancel)
+    with pytest.raises(CancelationException):
+        slot.use([LoraRequest(lora_file, 1.0), LoraRequest(second_lora, 1.0)])
+    monkeypatch.undo()
+    assert not same(weights(transformer), original)
+    slot.use([])
+    assert same(weights(transformer), original)
 
 
 @pytest.mark.parametrize(

@@ -32,16 +32,22 @@ def second_lora_bytes(tmp_path_factory):
     return write_tiny_lora(tmp_path_factory.mktemp("second"), seed=2, rank=2, alpha=2.0).read_bytes()
 
 
+@pytest.fixture(scope="module")
+def bias_lora_bytes(tmp_path_factory):
+    return write_tiny_lora(tmp_path_factory.mktemp("bias"), seed=3, bias=True).read_bytes()
+
+
 def lora_uri(data: bytes) -> str:
     return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="module")
-def http(lora_bytes, second_lora_bytes):
+def http(lora_bytes, second_lora_bytes, bias_lora_bytes):
     server = LocalHTTP(
         {
             "/lora.safetensors": (lora_bytes, "application/octet-stream"),
             "/second.safetensors": (second_lora_bytes, "application/octet-stream"),
+            "/bias.safetensors": (bias_lora_bytes, "application/octet-stream"),
         }
     )
     yield server
@@ -60,6 +66,13 @@ def private_server(tiny_dir, tmp_path_factory):
     """A server for a private deployment, where URLs on loopback are allowed."""
     with running_server(tiny_dir, tmp_path_factory.mktemp("private"), {"FLUX_ALLOW_PRIVATE_URLS": "1"}) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def never_saw_a_lora(server) -> bytes:
+    """The draft edit of `server` before any LoRA reached it: every test that sends `server` a LoRA comes after
+    the first test that asks for this (pytest runs a module's tests in file order, also a selection of them)."""
+    return output_bytes(succeeded(server, **DRAFT))
 
 
 def predict(server, **inputs) -> dict:
@@ -105,6 +118,35 @@ def test_a_lora_changes_the_image_and_leaks_into_nothing_after_it(server, privat
     again = succeeded(private_server, lora_weights=[f"{http.url}/lora.safetensors"])  # strength 1 when left out
     assert output_bytes(again) == output_bytes(with_lora)
     assert http.requested.count("/lora.safetensors") == 1
+
+
+def test_a_lora_with_biases_leaves_nothing_behind(private_server, http, never_saw_a_lora):
+    """A LoRA whose layers have biases (peft's lora_bias), none, the same again, none: the images without it are
+    those of a server that never saw a LoRA, and the second fuse gives the first one's image."""
+    a = {"lora_weights": [f"{http.url}/bias.safetensors"], **DRAFT}
+    outputs = [output_bytes(succeeded(private_server, **inputs)) for inputs in (a, DRAFT, a, DRAFT)]
+    assert outputs[1] == outputs[3] == never_saw_a_lora
+    assert outputs[0] == outputs[2] != never_saw_a_lora
+
+
+def test_loras_that_pass_the_cache_bound_together_are_refused_saying_so(
+    tiny_dir, tmp_path_factory, http, lora_bytes, second_lora_bytes, bias_lora_bytes
+):
+    """A LoRA cache with room for any two of the three files: a request for all three is refused with the sizes
+    and the bound, and the two files it fetched first are still in the cache (not dropped for the third)."""
+    sizes = [len(b) for b in (lora_bytes, second_lora_bytes, bias_lora_bytes)]
+    env = {"FLUX_ALLOW_PRIVATE_URLS": "1", "FLUX_LORA_CACHE_BYTES": str(sum(sizes) - 1)}
+    urls = [f"{http.url}/{name}.safetensors" for name in ("lora", "second", "bias")]
+    with running_server(tiny_dir, tmp_path_factory.mktemp("small-cache"), env) as small_cache:
+        fetched = [http.requested.count(f"/{name}.safetensors") for name in ("lora", "second")]
+        for _ in range(2):
+            error = failed(small_cache, lora_weights=urls, **DRAFT)
+            total = " + ".join(f"{size:,}" for size in sizes)
+            assert error.startswith(
+                f"lora_weights items 1, 2 and 3 take {total} = {sum(sizes):,} bytes together, more than this "
+                f"server's LoRA cache holds (FLUX_LORA_CACHE_BYTES: {sum(sizes) - 1:,} bytes)"
+            ), error
+        assert [http.requested.count(f"/{name}.safetensors") for name in ("lora", "second")] == [n + 1 for n in fetched]
 
 
 def test_two_loras_apply_and_leave_no_trace(private_server, http):
