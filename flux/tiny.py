@@ -1,6 +1,7 @@
 """Synthetic FLUX.1 Kontext models: the tiny random-weight model, written in the diffusers layout.
 
     python -m flux.tiny DIR               (--if-missing: keep a complete one already there)
+    python -m flux.tiny --lora DIR        a random LoRA for it (DIR/pytorch_lora_weights.safetensors)
 
 The result has the same component classes and directory layout as
 black-forest-labs/FLUX.1-Kontext-dev (model_index.json, transformer/, vae/, text_encoder/,
@@ -324,6 +325,56 @@ def write_tiny_model(directory: str | Path, cfg: SyntheticConfig = TINY) -> Path
     return directory
 
 
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out"]
+
+
+def write_tiny_lora(
+    directory: str | Path,
+    seed: int = 1,
+    rank: int = 4,
+    alpha: float = 8.0,
+    prefixed: bool = True,
+    cfg: SyntheticConfig = TINY,
+    bias: bool = False,
+) -> Path:
+    """A random LoRA (for tests and local tries: it changes the edit, it is not a trained one) for the tiny
+    model's transformer (or the synthetic model `cfg`), saved as diffusers saves one:
+    `transformer.`-prefixed keys (FluxKontextPipeline.save_lora_weights), or unprefixed with its peft config
+    (save_lora_adapter). With `bias`, each lora_B has a bias too (peft's lora_bias), which a merge adds to the
+    layer's own bias."""
+    import warnings
+
+    from peft import LoraConfig
+
+    transformer = build_pipeline(cfg).transformer
+    directory = Path(directory)
+    # peft takes lora_bias only with its default initialisation (lora_A: Kaiming-uniform)
+    init = True if bias else "gaussian"
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=init, lora_bias=bias)
+    transformer.add_adapter(config, adapter_name="tiny")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:  # peft starts B (and its bias) at zero: the LoRA would change nothing
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    directory.mkdir(parents=True, exist_ok=True)
+    if prefixed:
+        from diffusers import FluxKontextPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        with warnings.catch_warnings():
+            # peft takes any 1-D LoRA tensor for an ungathered shard; the lora_B biases are 1-D by design
+            warnings.filterwarnings("ignore", message=".*LoRA tensor.*invalid shape.*lora_B.bias")
+            layers = get_peft_model_state_dict(transformer, adapter_name="tiny")
+        metadata = transformer.peft_config["tiny"].to_dict()  # the rank and alpha, as diffusers writes them
+        FluxKontextPipeline.save_lora_weights(
+            directory, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+        )
+    else:
+        transformer.save_lora_adapter(directory, adapter_name="tiny")
+    return directory / "pytorch_lora_weights.safetensors"
+
+
 def tiny_model(directory: str | Path, cfg: SyntheticConfig = TINY) -> Path:
     """The tiny model in `directory`: written there (write_tiny_model) unless a complete one is there already."""
     directory = Path(directory)
@@ -338,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", help="where to write the model (created if missing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--if-missing", action="store_true", help="keep a complete tiny model already there")
+    parser.add_argument("--lora", action="store_true", help="write a random LoRA for the tiny model instead")
     args = parser.parse_args(argv)
+    if args.lora:
+        path = write_tiny_lora(args.directory, seed=args.seed)
+        print(f"wrote a random LoRA for the tiny model to {path}", file=sys.stderr)
+        return 0
     write = tiny_model if args.if_missing else write_tiny_model
     out = write(args.directory, SyntheticConfig(seed=args.seed))
     print(f"wrote a tiny RANDOM-weight FLUX.1 Kontext model to {out}", file=sys.stderr)

@@ -17,10 +17,9 @@ from flux.errors import InvalidInputError
 from flux.lora import LoraRequest, LoraSlot, keeps_on_gpu
 from flux.optimize import AccelerationConfig, CompileScope
 from flux.pipeline import EditRequest, KontextEditor
-from flux.tiny import TINY
+from flux.tiny import TINY, write_tiny_lora
 from measure import lora as lora_measure
 from tests.conftest import make_image
-from tests.lora_files import write_tiny_lora
 
 REQUEST = EditRequest("make the car red", make_image(64, 48), num_inference_steps=4, seed=1, acceleration="none")
 

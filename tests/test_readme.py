@@ -2,6 +2,7 @@
 from the environment script/setup makes, from any directory), and `script/serve --tiny` answering the README's
 HTTP request."""
 
+import ast
 import os
 import re
 import subprocess
@@ -23,9 +24,24 @@ def code_block(heading: str, language: str) -> str:
 
 
 def workdir(tmp_path: Path) -> Path:
-    """A directory outside the repository that has its examples, as the README's relative paths expect."""
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    """A directory outside the repository that has its examples and .venv, as the README's relative paths expect."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for name in ("examples", ".venv"):
+        (tmp_path / name).symlink_to(ROOT / name)
     return tmp_path
+
+
+def run_bash(block: str, cwd: Path, port: str) -> str:
+    """A README bash block, run as written but against the server on `port`; its output."""
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.replace("localhost:5000", f"localhost:{port}")],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
 def test_the_library_example_runs_as_written(tmp_path):
@@ -44,23 +60,20 @@ def test_the_library_example_runs_as_written(tmp_path):
     assert PIL.Image.open(tmp_path / "out" / "edited-library.png").size == (1248, 832)
 
 
-def test_serve_tiny_answers_the_readmes_http_request(tmp_path):
-    curl = code_block("### HTTP", "bash")
-    assert "localhost:5000" in curl
+def test_serve_tiny_answers_the_readmes_http_requests(tmp_path):
+    """The HTTP section's request, and the LoRA section's local try with a LoRA written by flux.tiny."""
+    curl, lora = code_block("### HTTP", "bash"), code_block("### LoRA", "bash")
+    assert "localhost:5000" in curl and "localhost:5000" in lora
+    cwd = workdir(tmp_path / "work")
     with running_server(None, tmp_path / "server", args=("--tiny",)) as server:
         port = server.url.rsplit(":", 1)[1]
-        out = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", curl.replace("localhost:5000", f"localhost:{port}")],
-            cwd=workdir(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
+        run_bash(curl, cwd, port)
+        metrics = ast.literal_eval(run_bash(lora, cwd, port))
         logs = server.log_text()
-    edited = PIL.Image.open(tmp_path / "edited.webp")
+    edited = PIL.Image.open(cwd / "edited.webp")
     assert edited.format == "WEBP" and edited.size == (1248, 832)
     assert "Serving the tiny RANDOM-weight model" in logs
+    assert metrics["loras"] == 1 and metrics["lora_reused"] is False and "lora_load" in metrics["seconds"]
 
 
 def test_the_readme_and_the_schema_name_the_same_input_formats_and_each_loads(tmp_path):

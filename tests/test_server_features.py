@@ -10,11 +10,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from flux import images
+from flux.tiny import write_tiny_lora
 from tests.cog_server import data_uri, decode_output, output_bytes, running_server
 from tests.conftest import make_image
 from tests.hostile_files import CASES, encode
 from tests.http_fixtures import LocalHTTP
-from tests.lora_files import write_tiny_lora
 from tests.test_fidelity import PROXY
 
 IMAGE = data_uri(encode(make_image(300, 200), "PNG"))

@@ -17,12 +17,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from flux.tiny import SyntheticConfig, write_tiny_model
+from flux.tiny import SyntheticConfig, write_tiny_lora, write_tiny_model
 from tests import test_server_lifecycle
 from tests.cog_server import ROOT, data_uri, decode_output, output_bytes, running_server
 from tests.conftest import make_image
 from tests.hostile_files import encode
-from tests.lora_files import write_tiny_lora
 from tests.test_server_lifecycle import steps_logged
 
 TWO_HEADS = SyntheticConfig(num_attention_heads=2)
