@@ -150,6 +150,14 @@ def test_errors_inside_the_predictor_name_the_input_in_the_form_the_readme_shows
     assert_ready(server)
 
 
+def test_setup_warns_of_nothing_it_does_not_use(server):
+    """No "requires torchvision" notice: diffusers imports transformers' CLIPImageProcessor and
+    SiglipImageProcessor (for IP-adapters, which this server never loads); the safety checker's processors are
+    the PIL ones (flux/safety.py)."""
+    assert "Setup complete" in server.log_text()
+    assert "torchvision" not in server.log_text()
+
+
 @pytest.mark.parametrize("seed", [-1, None])
 def test_seed_minus_one_or_blank_is_random(server, seed):
     inputs = {"prompt": "make the car red", "input_image": IMAGE, "num_inference_steps": 4, "output_format": "png"}
