@@ -1,4 +1,5 @@
-"""Start script/serve, send one edit over HTTP, write the edited image to a file, stop the server."""
+"""Start script/serve, send one edit over HTTP, write the edited image to a file, stop the server. Prints the
+prediction's logs and metrics; the server's own log goes to server.log beside the image."""
 
 from __future__ import annotations
 
@@ -46,6 +47,19 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise SystemExit("the server did not become ready in time")
 
 
+def metrics_lines(metrics: dict) -> list[str]:
+    """A prediction's metrics, one per line and aligned; a nested group (seconds per phase) on one line."""
+
+    def value(v: object) -> str:
+        if isinstance(v, dict):
+            return ", ".join(f"{k} {value(x)}" for k, x in v.items())
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    ordered = sorted(metrics.items(), key=lambda item: item[0] == "predict_time")  # the whole time last
+    width = max(map(len, metrics), default=0)
+    return [f"  {name:<{width}}  {value(v)}" for name, v in ordered]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--image", default=str(ROOT / "examples" / "car.jpg"))
@@ -60,14 +74,29 @@ def main() -> int:
     env = dict(os.environ, PORT=str(args.port), PYTHON=sys.executable)
     if not env.get("FLUX_WEIGHTS"):
         tiny = ROOT / TINY_MODEL
-        subprocess.run([sys.executable, "-m", "flux.tiny", "--if-missing", str(tiny)], cwd=ROOT, check=True)
+        command = [sys.executable, "-m", "flux.tiny", "--if-missing", str(tiny)]
+        written = subprocess.run(command, cwd=ROOT, capture_output=True)
+        if written.returncode:
+            sys.stderr.buffer.write(written.stdout + written.stderr)
+            return written.returncode
         env["FLUX_WEIGHTS"] = str(tiny)
         print("Using the tiny RANDOM-weight model: the output shows the path works, not a real edit.")
 
     url = f"http://127.0.0.1:{args.port}"
-    server = subprocess.Popen([str(ROOT / "script" / "serve")], cwd=ROOT, env=env, start_new_session=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The server logs every line as a JSON record (coglet's tracing, on stderr): kept in a file, not printed.
+    server_log = out_dir / "server.log"
+    with open(server_log, "wb") as log:
+        server = subprocess.Popen(
+            [str(ROOT / "script" / "serve")], cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
+        )
     try:
-        wait_ready(url, server)
+        try:
+            wait_ready(url, server)
+        except SystemExit:
+            print(f"The server's log: {server_log}", file=sys.stderr)
+            raise
         mime = mimetypes.guess_type(args.image)[0] or "application/octet-stream"
         data = base64.b64encode(Path(args.image).read_bytes()).decode()
         inputs = {
@@ -82,12 +111,12 @@ def main() -> int:
         body = post_prediction(url, inputs).json()
         if body.get("status") != "succeeded":
             print(body.get("logs", ""), body.get("error") or body, file=sys.stderr)
+            print(f"The server's log: {server_log}", file=sys.stderr)
             return 1
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / f"edited.{args.format}"
         target.write_bytes(base64.b64decode(body["output"].split(",", 1)[1]))
         print(body.get("logs", ""), end="")
+        print("Metrics:", *metrics_lines(body.get("metrics") or {}), sep="\n")
         print(f"Wrote {target} ({time.time() - started:.1f} s)")
         return 0
     finally:

@@ -1,27 +1,33 @@
 """Make the schema the Cog server validates with and serves say what it accepts: `null` for the inputs it marks
 nullable, the items of a list input checked against the bounds it gives, and no prediction request without an
-`input`.
+`input`; and say it in the form whose refusals tell a client why.
 
-`cog build` marks an input declared `X | None` with OpenAPI 3.0's `"nullable": true` (replicate/cog
-pkg/schema/openapi_spec.go), which means that `null` is a valid value. coglet validates requests with a JSON
-Schema validator that does not know `nullable` (crates/coglet/src/input_validation.rs compiles the Input schema
-with the `jsonschema` crate), so it answers `null` with 422 "null is not of type ...": a client that sends
-`"seed": null` for "no seed" (what JavaScript and Python clients do for an unset value) is refused although the
-schema it reads allows it.
+`cog build` writes OpenAPI 3.0.2 and marks an input declared `X | None` with `"nullable": true`
+(replicate/cog pkg/schema/openapi_spec.go), which means that `null` is a valid value. coglet validates requests
+with the `jsonschema` crate (0.29; crates/coglet/src/input_validation.rs compiles the Input schema with
+`jsonschema::validator_for`, which reads a schema without `$schema` as JSON Schema draft 2020-12). That dialect has
+no `nullable`, so coglet answers `null` with 422 "null is not of type ...": a client that sends `"seed": null` for
+"no seed" (what JavaScript and Python clients do for an unset value) is refused although the schema allows it.
 
 coglet reads .cog/openapi_schema.json when setup has finished (crates/coglet/src/worker.rs: "Load the pre-built
-schema" comes after the predictor's setup). So setup rewrites each nullable input to say the same thing in a form
-that validator honours: the input's type and constraints move into the first branch of an `anyOf`, and a second
-branch accepts `null` (`{"enum": [null], "nullable": true}`, valid OpenAPI 3.0 as well). Title, description,
-default and order stay where they were. Nothing else about the inputs changes, and a rewritten input is left as
-it is, so running this twice changes nothing. tests/test_deploy.py checks, through the real server, that every
-input the schema marks nullable takes `null`, and that every other one refuses it with a 422 naming it.
+schema" comes after the predictor's setup), so setup restates the document as OpenAPI 3.1, whose schemas are
+draft 2020-12 — the dialect that validator speaks — and writes each nullable input's type as `[TYPE, "null"]`.
+Its bounds and items stay beside that type, where they apply to values of their own type only: `null` passes
+them, and a value that breaks one is refused by that keyword, so coglet's 422 (the validator's message, verbatim)
+says why: `-5 is less than the minimum of -1`, `"owner/name" is not of types "array", "null"`. (3.0 has no type
+lists; its other way to admit `null`, an `anyOf` of the type and `null`, makes every refusal read "... is not valid
+under any of the schemas listed in the 'anyOf' keyword".) `nullable` stays: 3.1 lets a schema carry keywords it
+does not define, and coglet reads it (an absent nullable input without a default is passed as `null`). Nothing
+else about the inputs changes, and a rewritten input is left as it is, so running this twice changes nothing.
+tests/test_deploy.py checks, through the real server, that every input the schema marks nullable takes `null`, and
+that every other one refuses it with a 422 naming it; tests/test_server.py holds the exact 422 messages.
 
 A list input with `ge`/`le` (`list[float]`: lora_strength) gets them as the array's own `minimum`/`maximum`
 (openapi_spec.go writes an input's bounds beside its type, whatever the type), where JSON Schema applies them
 to numbers only: coglet lets any item through. Cog's Python SDK checks such bounds on every item
 (cog/_inspector.py), which is what they mean; so setup moves them into `items`, where coglet checks each item and
-answers one out of range with a 422 naming the input.
+answers one out of range with a 422 at `lora_strength/N`, the input and the item (coglet writes an error's JSON
+pointer as the field).
 
 The other way round, Cog's PredictionRequest does not list `input` as required, but coglet answers a request
 without one with 422 (the required inputs are missing): the served document says it is required (an API fuzzer
@@ -38,18 +44,26 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SCHEMA_FILE = Path(".cog") / "openapi_schema.json"  # where coglet reads it, relative to the server's directory
-NULL = {"enum": [None], "nullable": True}
-_ANNOTATIONS = ("title", "description", "default", "nullable", "x-order", "deprecated")
+OPENAPI_VERSION = "3.1.0"  # the first OpenAPI whose schemas are JSON Schema 2020-12, as coglet's validator reads them
+NULL = "null"
 
 
 def accept_null(schema: dict) -> dict:
-    """`schema` (an OpenAPI document from `cog build`) with every nullable input accepting `null`."""
+    """`schema` (an OpenAPI document from `cog build`) with every nullable input accepting `null`: `null` added to
+    its type (a union input, which has none, gets a `null` variant), in OpenAPI 3.1."""
     properties = schema.get("components", {}).get("schemas", {}).get("Input", {}).get("properties", {})
-    for name, prop in list(properties.items()):
-        if prop.get("nullable") is not True or NULL in prop.get("anyOf", ()):
+    for prop in properties.values():
+        if prop.get("nullable") is not True:
             continue
-        typed = {k: v for k, v in prop.items() if k not in _ANNOTATIONS}
-        properties[name] = {k: v for k, v in prop.items() if k in _ANNOTATIONS} | {"anyOf": [typed, NULL]}
+        kind = prop.get("type")
+        if isinstance(kind, str):
+            prop["type"] = [kind, NULL]
+        elif isinstance(kind, list) and NULL not in kind:
+            kind.append(NULL)
+        elif kind is None and isinstance(prop.get("anyOf"), list) and {"type": NULL} not in prop["anyOf"]:
+            prop["anyOf"].append({"type": NULL})
+    if "openapi" in schema:
+        schema["openapi"] = OPENAPI_VERSION
     return schema
 
 
@@ -74,8 +88,8 @@ def require_input(schema: dict) -> dict:
 
 
 def served_schema(schema: dict) -> dict:
-    """`schema` as coglet is given it: list items bounded, `null` accepted where it is nullable, `input`
-    required."""
+    """`schema` as coglet is given it, in OpenAPI 3.1: list items bounded, `null` accepted where it is nullable,
+    `input` required."""
     return require_input(accept_null(bound_list_items(schema)))
 
 

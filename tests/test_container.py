@@ -25,8 +25,10 @@ TOP_KEYS = {"build", "environment", "image", "run"}
 BUILD_KEYS = {"cuda", "gpu", "python_requirements", "python_version", "run", "sdk_version", "system_packages"}
 
 
+# A PyPI wheel pinned by URL and hash, the hash's `#` spelled ${HASH_SIGN} (requirements.txt says why).
 WHEEL_URL = re.compile(
-    r"(\S+) @ https://files\.pythonhosted\.org/packages/\S+/([\w.]+?)-([\d.]+)-\S+\.whl#sha256=[0-9a-f]{64}"
+    r"(\S+) @ https://files\.pythonhosted\.org/packages/\S+/([\w.]+?)-([\d.]+)-\S+\.whl"
+    r"\$\{HASH_SIGN\}sha256=[0-9a-f]{64}"
 )
 
 
@@ -105,6 +107,57 @@ def test_the_container_runs_the_cog_and_coglet_the_tests_run(tmp_path):
     env["COGLET_WHEEL"] = "pypi:9.9.9"  # an explicit choice wins
     run = subprocess.run([ROOT / "script" / "cog", "push"], env=env, capture_output=True, text=True)
     assert run.stdout.strip() == "COGLET_WHEEL=pypi:9.9.9 args=push"
+
+
+def cog_requirement_lines(text: str) -> list[str]:
+    """The lines of a requirements file that `cog build` hands to pip (replicate/cog pkg/requirements/
+    requirements.go at 6110c91, ReadRequirements and scanLinesWithContinuations): a line ending in a backslash is
+    joined to the next; each line is stripped and cut at its first `#`, whether it starts a comment or not; blank
+    lines and `-e .` are dropped. (Lines pinned `name==version` are then rewritten without their options:
+    pkg/config/config.go, pythonPackageForArch.)"""
+    lines = []
+    for line in re.sub(r"\\\r?\n", "", text).splitlines():
+        line = line.strip()
+        if line.startswith("#") or re.fullmatch(r"-e\s+\.", line):
+            continue
+        if line := line.split("#", 1)[0].strip():
+            lines.append(line)
+    return lines
+
+
+def pip_reads(lines: list[str], tmp_path: Path) -> dict:
+    """{name: pip's InstallRequirement} for `lines` as a requirements file, parsed by pip itself (environment
+    variables expanded from this process's environment, as `pip install -r` does)."""
+    from pip._internal.network.session import PipSession
+    from pip._internal.req.constructors import install_req_from_parsed_requirement
+    from pip._internal.req.req_file import parse_requirements
+
+    path = tmp_path / "requirements.txt"
+    path.write_text("\n".join(lines) + "\n")
+    parsed = parse_requirements(str(path), session=PipSession())
+    return {r.name: r for r in map(install_req_from_parsed_requirement, parsed)}
+
+
+def test_cogs_reader_cuts_requirement_lines_at_the_first_hash_sign():
+    text = "a==1  # a comment\nb @ https://x.example/b.whl#sha256=00\n# only a comment\n-e .\n"
+    text += "c==2 \\\n  ; python_version>'3'\n"
+    assert cog_requirement_lines(text) == ["a==1", "b @ https://x.example/b.whl", "c==2   ; python_version>'3'"]
+
+
+def test_torchaos_hash_reaches_pip_through_cog_build(tmp_path, monkeypatch):
+    """requirements.txt as Cog hands it on, read by pip with cog.yaml's environment (its ENV line comes before the
+    install in the Dockerfile Cog writes: pkg/dockerfile/standard_generator.go, GenerateInitialSteps): torchao
+    keeps its sha256, as a URL fragment, which pip checks without asking a hash of every other requirement."""
+    lines = cog_requirement_lines((ROOT / "requirements.txt").read_text())
+    for entry in COG_YAML["environment"]:
+        monkeypatch.setenv(*entry.split("=", 1))
+    reqs = pip_reads(lines, tmp_path)
+    assert reqs["torchao"].link.hash_name == "sha256" and re.fullmatch(r"[0-9a-f]{64}", reqs["torchao"].link.hash)
+    assert reqs["torchao"].link.url_without_fragment.endswith(".whl")
+    assert not any(r.has_hash_options for r in reqs.values())  # no --hash: it would ask one of every line
+    # Without the variable (outside `cog build`), the URL is not the wheel's: pip fails instead of not checking.
+    monkeypatch.delenv("HASH_SIGN")
+    assert "${HASH_SIGN}" in pip_reads(lines, tmp_path)["torchao"].link.url
 
 
 def test_torchao_is_pypis_wheel_and_its_extensions_are_never_loaded():

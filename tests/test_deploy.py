@@ -104,10 +104,10 @@ def test_the_server_serves_the_schema_cog_builds_with_null_accepted_and_list_ite
     assert served == served_schema(build_schema())
     assert served["components"]["schemas"]["PredictionRequest"]["required"] == ["input"]
     assert requests.post(f"{fetched_server.url}/predictions", json={}, timeout=30).status_code == 422
-    assert served["components"]["schemas"]["Input"]["properties"]["lora_strength"]["anyOf"][0] == {
-        "type": "array",
-        "items": {"type": "number", "minimum": -1, "maximum": 3},
-    }
+    lora_strength = served["components"]["schemas"]["Input"]["properties"]["lora_strength"]
+    assert lora_strength["type"] == ["array", "null"] and lora_strength["nullable"] is True
+    assert lora_strength["items"] == {"type": "number", "minimum": -1, "maximum": 3}
+    assert served["openapi"] == "3.1.0"
     assert "/predictions" in served["paths"] and "PredictionResponse" in served["components"]["schemas"]
 
 

@@ -1,13 +1,17 @@
 """The OpenAPI document script/serve hands to coglet is the one `cog build` writes (pkg/schema/openapi_spec.go):
 the operations, the request and response shapes, and every reference resolvable. (That coglet serves it and
-validates with it is tested through the real server in test_deploy.py.)"""
+validates with it is tested through the real server in test_deploy.py.) And what setup makes of it for coglet.
+"""
 
 from __future__ import annotations
+
+import copy
 
 import cog
 import pytest
 
 from script.openapi_schema import build_schema
+from serving.openapi import served_schema
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +94,36 @@ def test_choices_are_enumerations_and_optional_inputs_nullable(schema):
     assert "title" not in props["aspect_ratio"]  # as Cog's generator: the enumeration carries it
     assert props["seed"]["nullable"] is True and props["seed"]["default"] is None
     assert [p["x-order"] for p in props.values()] == list(range(len(props)))
+
+
+def test_the_served_document_is_openapi_3_1_with_null_in_each_nullable_type(schema):
+    """What setup hands coglet (serving/openapi.py): the same inputs, each nullable one's type a list with "null"
+    (OpenAPI 3.1, JSON Schema 2020-12: what coglet's validator reads), list bounds on the items; again changes
+    nothing."""
+    served = served_schema(copy.deepcopy(schema))
+    assert served["openapi"] == "3.1.0"
+    cog, props = schema["components"]["schemas"]["Input"]["properties"], served["components"]["schemas"]["Input"]
+    props = props["properties"]
+    assert list(props) == list(cog)
+    for name, prop in cog.items():
+        if not prop.get("nullable"):
+            assert props[name] == prop, name
+            continue
+        assert props[name]["type"] == [prop["type"], "null"], name
+        rest = {k: v for k, v in props[name].items() if k not in ("type", "items")}
+        moved = ("minimum", "maximum") if prop["type"] == "array" else ()  # onto the items
+        assert rest == {k: v for k, v in prop.items() if k not in ("type", "items", *moved)}, name
+    assert props["seed"]["minimum"] == -1 and props["lora_strength"]["items"]["maximum"] == 3
+    assert served_schema(copy.deepcopy(served)) == served
+
+    def check(node: dict):  # every schema's `type` a JSON Schema type, or a list of distinct ones
+        kind = node.get("type", "object")
+        kinds = kind if isinstance(kind, list) and len(set(kind)) == len(kind) else [kind]
+        assert set(kinds) <= {"array", "boolean", "integer", "null", "number", "object", "string"}, node
+        for sub in [*node.get("properties", {}).values(), *node.get("anyOf", ()), *node.get("allOf", ())]:
+            check(sub)
+        if "items" in node:
+            check(node["items"])
+
+    for component in served["components"]["schemas"].values():
+        check(component)

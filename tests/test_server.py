@@ -8,7 +8,7 @@ import time
 import pytest
 
 from flux import images
-from tests.cog_server import data_uri, decode_output, running_server
+from tests.cog_server import ROOT, data_uri, decode_output, running_server
 from tests.conftest import make_image
 from tests.hostile_files import CASES, encode
 from tests.http_fixtures import LocalHTTP
@@ -120,9 +120,42 @@ def test_invalid_inputs_get_validation_errors(server, inputs, field):
     assert_ready(server)
 
 
-def test_errors_inside_the_predictor_name_the_input(server):
+@pytest.mark.parametrize(
+    "inputs,loc,msg",
+    [
+        ({"seed": -5}, "seed", "-5 is less than the minimum of -1"),
+        ({"seed": 1.5}, "seed", '1.5 is not of types "integer", "null"'),
+        ({"lora_strength": [5]}, "lora_strength/0", "5 is greater than the maximum of 3"),
+        ({"lora_weights": "owner/name"}, "lora_weights", '"owner/name" is not of types "array", "null"'),
+        ({"mask": 5}, "mask", '5 is not of types "null", "string"'),
+    ],
+    ids=["seed-below-minimum", "seed-not-an-integer", "strength-item-above-maximum", "weights-not-a-list", "mask"],
+)
+def test_nullable_inputs_are_refused_with_the_reason(server, inputs, loc, msg):
+    """A nullable input's 422 says which bound or type it broke (serving/openapi.py), as the others' do."""
+    r = server.predict({"prompt": "x", "input_image": IMAGE, **inputs})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"loc": ["body", "input", loc], "msg": msg, "type": "value_error"}]
+    assert_ready(server)
+
+
+def test_errors_inside_the_predictor_name_the_input_in_the_form_the_readme_shows(server):
+    """The `error` a client reads: coglet 0.23.1 writes "Prediction failed: " twice and the exception's class
+    before the message (crates/coglet-python/src/predictor.rs, predict_worker; worker_bridge.rs, predict), which
+    starts with the input's name. The README quotes this very text."""
     body = edit(server, prompt="   ")
-    assert_failed_naming(server, body, "InvalidInputError: prompt must be a non-empty instruction")
+    expected = "Prediction failed: Prediction failed: InvalidInputError: prompt must be a non-empty instruction"
+    assert body["status"] == "failed" and body["error"] == expected, body
+    assert f"`{expected}`" in (ROOT / "README.md").read_text()
+    assert_ready(server)
+
+
+def test_setup_warns_of_nothing_it_does_not_use(server):
+    """No "requires torchvision" notice: diffusers imports transformers' CLIPImageProcessor and
+    SiglipImageProcessor (for IP-adapters, which this server never loads); the safety checker's processors are
+    the PIL ones (flux/safety.py)."""
+    assert "Setup complete" in server.log_text()
+    assert "torchvision" not in server.log_text()
 
 
 @pytest.mark.parametrize("seed", [-1, None])

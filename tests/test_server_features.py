@@ -211,11 +211,11 @@ def test_what_is_not_a_lora_for_this_model_is_named(server, lora_bytes, tmp_path
     "inputs,field",
     [
         ({"lora_weights": "https://example.com/lora.safetensors"}, "lora_weights"),  # a list, not a string
-        ({"lora_weights": [1]}, "lora_weights"),
+        ({"lora_weights": [1]}, "lora_weights/0"),  # coglet names an item by its JSON pointer
         ({"lora_strength": 1.0}, "lora_strength"),
-        ({"lora_strength": [3.5]}, "lora_strength"),  # each item's bounds: serving/openapi.py
-        ({"lora_strength": [1.0, -1.5]}, "lora_strength"),
-        ({"lora_strength": ["1"]}, "lora_strength"),
+        ({"lora_strength": [3.5]}, "lora_strength/0"),  # each item's bounds: serving/openapi.py
+        ({"lora_strength": [1.0, -1.5]}, "lora_strength/1"),
+        ({"lora_strength": ["1"]}, "lora_strength/0"),
     ],
     ids=["string", "number-item", "number", "above-maximum", "below-minimum", "string-item"],
 )
