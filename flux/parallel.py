@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from flux.optimize import Shape
+from flux.sampling import TEXT_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ OUTPUT_LAYER = "proj_out"
 """The layer whose output the transformer's _cp_plan gathers; here it is left sharded and gathered by gather()."""
 SDPA_BACKEND = "native"
 """diffusers' name for torch's scaled_dot_product_attention, the default attention backend: no log-sum-exp."""
+ALL_DEGREES = (8, 4, 2, 1)
+"""What FLUX_GPUS=all picks from: a power of two divides every call's 512 text tokens (any other degree sends every
+call through the uneven split, which runs eagerly); 8 at most, since Ulysses cannot split FLUX.1's 24 attention
+heads over 16."""
 
 
 class Kind(enum.StrEnum):
@@ -87,14 +92,20 @@ class ParallelSettings:
         return f"{self.kind.value}-{self.degree}"
 
     @classmethod
-    def from_env(cls, device: str | torch.device) -> ParallelSettings:
-        """$FLUX_GPUS (a number, or "all": every GPU torch sees; on a machine without one, "all" is 1 and a number
-        runs that many CPU processes on gloo), $FLUX_CONTEXT_PARALLEL (ulysses or ring), and the deadlines
-        $FLUX_PARALLEL_TIMEOUT_S and $FLUX_PARALLEL_SETUP_TIMEOUT_S. Raises ValueError naming the variable."""
+    def from_env(cls, device: str | torch.device, visible: int | None = None) -> ParallelSettings:
+        """$FLUX_GPUS (a number, or "all": the largest of 8, 4, 2 and 1 that the GPUs torch sees (`visible`,
+        torch.cuda.device_count() unless given) fit, see degree_for_all; on a machine without a GPU, "all" is 1 and a
+        number runs that many CPU processes on gloo), $FLUX_CONTEXT_PARALLEL (ulysses or ring), and the deadlines
+        $FLUX_PARALLEL_TIMEOUT_S and $FLUX_PARALLEL_SETUP_TIMEOUT_S. Raises ValueError naming the variable; logs
+        what "all" picked, and warns of a number that sends every call through the uneven split."""
         device = torch.device(device)
+        if visible is None:
+            visible = torch.cuda.device_count() if device.type == "cuda" else 0
         raw = os.environ.get(ENV_GPUS, "").strip().lower() or "1"
         if raw == ALL_GPUS:
-            degree = torch.cuda.device_count() if device.type == "cuda" else 1
+            degree = degree_for_all(visible if device.type == "cuda" else 0)
+            if device.type == "cuda":
+                logger.info("%s", _all_gpus_note(visible, degree))
         else:
             try:
                 degree = int(raw)
@@ -102,7 +113,9 @@ class ParallelSettings:
                 degree = 0
             if degree < 1:
                 raise ValueError(f"{ENV_GPUS} must be a positive number of GPUs or {ALL_GPUS!r}, not {raw!r}")
-        if device.type == "cuda" and degree > (visible := torch.cuda.device_count()):
+            if note := uneven_text_warning(degree):
+                logger.warning("%s", note)
+        if device.type == "cuda" and degree > visible:
             raise ValueError(f"{ENV_GPUS}={raw} asks for {degree} GPUs, but torch sees {visible}")
         kind = os.environ.get(ENV_KIND, "").strip().lower() or Kind.ULYSSES.value
         if kind not in list(Kind):
@@ -138,6 +151,38 @@ class ParallelSettings:
                 "default) does not: add attention=_native_cudnn (or _native_flash, flash, sage) to "
                 "FLUX_ACCELERATIONS, or use ulysses"
             )
+
+
+def degree_for_all(visible: int) -> int:
+    """FLUX_GPUS=all's degree where torch sees `visible` GPUs: the largest of ALL_DEGREES that fits (1 for none)."""
+    return next(degree for degree in ALL_DEGREES if degree <= max(visible, 1))
+
+
+def _all_gpus_note(visible: int, degree: int) -> str:
+    """The setup log's line for FLUX_GPUS=all: how many GPUs it took, and why when fewer than torch sees."""
+    if degree == visible:
+        return f"{ENV_GPUS}={ALL_GPUS}: {degree} GPUs, every one torch sees"
+    head = f"{ENV_GPUS}={ALL_GPUS}: {degree} of the {visible} GPUs torch sees: "
+    if visible > ALL_DEGREES[0]:
+        return head + f"{ALL_DEGREES[0]} at most (Ulysses cannot split FLUX.1's 24 attention heads over 16)"
+    return head + (
+        f"a power of two divides every call's {TEXT_TOKENS} text tokens; over {visible} every call would take the "
+        "uneven split (eager, no compile)"
+    )
+
+
+def uneven_text_warning(degree: int, text_tokens: int = TEXT_TOKENS) -> str | None:
+    """What a degree that does not divide every call's text tokens costs (None when it divides them): every call
+    takes the uneven split, which a compiled transformer runs eagerly (ContextParallel)."""
+    if text_tokens % degree == 0:
+        return None
+    power = 1 << (degree.bit_length() - 1)
+    return (
+        f"{ENV_GPUS}={degree}: {degree} does not divide the {text_tokens} text tokens of every transformer call, so "
+        "every call takes diffusers' uneven split, which runs eagerly (no compile) and exchanges the share sizes "
+        f"inside each attention; {ENV_GPUS}={power} (a power of two) splits the text evenly and runs compiled for "
+        f"every size whose image tokens divide by {power} too"
+    )
 
 
 def _seconds(name: str, default: float) -> float:

@@ -8,7 +8,7 @@ editor's velocity model (KontextEditor.velocity_model), so each transformer call
 call on every rank. Rank 0 tells each worker over its control socket what the call's inputs are, broadcasts them,
 runs its own share and gathers the output. TaylorSeer's state stays on rank 0, and no rank can run a step the
 map does not have: a worker computes only what rank 0 sends it. The request's LoRAs are fused on every rank, and
-kept or taken out on every rank as on rank 0 (RankLoras).
+kept or taken out on every rank as on rank 0 (flux.rank_loras).
 
 Faults never hang the server. A monitor thread watches the workers and the deadline of what is in progress (a
 call, setup): a worker that exits, or a call not finished on every rank in time (FLUX_PARALLEL_TIMEOUT_S), ends the
@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,8 +48,8 @@ import torch.distributed as dist
 
 from flux import parallel, sampling
 from flux.errors import ParallelError
-from flux.lora import LoraRequest, LoraSlot, LoraUse
 from flux.optimize import AccelerationConfig, CompileScope, Shape, warm_up
+from flux.rank_loras import RankLoras
 
 logger = logging.getLogger(__name__)
 
@@ -524,42 +524,3 @@ class Ranks:
             worker.tail.append(line)
             with contextlib.suppress(OSError, ValueError):
                 print(f"[rank {worker.rank}] {line}", file=sys.stderr, flush=True)
-
-
-class RankLoras:
-    """The LoRA slot of every rank, in place of rank 0's own (KontextEditor.lora): each use() goes to the workers'
-    slots too, at the same time as rank 0's, so every rank keeps the same LoRAs fused (or the original weights).
-    The LoraRequests go to the workers as they are: paths on this machine."""
-
-    def __init__(self, ranks: Ranks, local: LoraSlot):
-        self.ranks = ranks
-        self.local = local
-
-    def check_supported(self) -> None:
-        self.local.check_supported()
-
-    def use(self, loras: Sequence[LoraRequest]) -> LoraUse:
-        ranks, loras = self.ranks, tuple(loras)
-        if loras:
-            self.local.check_supported()  # refused before any worker is told
-        ranks.check()
-        sent = ranks._executor.submit(ranks._command, "lora_use", (loras,))
-        try:
-            used = self.local.use(loras)
-        except BaseException:
-            errors = ranks._result(sent)  # the workers' answer first
-            if not errors and ranks.fault is None:
-                # Rank 0 refused what the workers took (a LoraSlot refuses before changing anything): the ranks'
-                # weights would differ from here on.
-                ranks._break("rank 0 could not fuse LoRAs that the other ranks fused")
-            raise
-        errors = ranks._result(sent)
-        if errors:
-            ranks._break(f"LoRAs that rank 0 fused failed on {'; '.join(errors)}")
-            ranks.check()
-        return used
-
-    def restore(self) -> None:
-        self.local.restore()
-        if self.ranks.fault is None:
-            self.ranks._result(self.ranks._executor.submit(self.ranks._command, "lora_restore", ()))

@@ -3,6 +3,7 @@ plan of every served shape at degrees 2, 4 and 8 with FLUX.1's dimensions, the k
 several GPUs (run on two CPU processes) and the expected-speed estimates. The server itself, two processes on gloo:
 tests/test_server_parallel.py."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from flux.parallel import (
     Kind,
     ParallelSettings,
     check_shapes,
+    degree_for_all,
     describe_plans,
     shares,
     split_plan,
@@ -33,7 +35,7 @@ HEADS, TEXT = FULL.num_attention_heads, 512
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_one_gpu_is_the_default_and_all_means_every_gpu_torch_sees(monkeypatch):
+def test_one_gpu_is_the_default_and_all_without_a_gpu_is_one_process(monkeypatch):
     monkeypatch.delenv(ENV_GPUS, raising=False)
     assert ParallelSettings.from_env("cpu") == ParallelSettings()
     assert not ParallelSettings.from_env("cpu").enabled
@@ -49,6 +51,55 @@ def test_one_gpu_is_the_default_and_all_means_every_gpu_torch_sees(monkeypatch):
         7.5,
         "ring-2",
     )
+
+
+@pytest.mark.parametrize(
+    "visible,degree", [(0, 1), (1, 1), (2, 2), (3, 2), (4, 4), (5, 4), (6, 4), (7, 4), (8, 8), (12, 8), (16, 8)]
+)
+def test_all_takes_the_largest_of_8_4_2_1_that_the_visible_gpus_fit(monkeypatch, caplog, visible, degree):
+    """A power of two divides every call's 512 text tokens: any other degree would run every call uneven."""
+    assert degree_for_all(visible) == degree
+    assert not ulysses_splits_heads(HEADS, 16)  # why 8 at most
+    monkeypatch.setenv(ENV_GPUS, "all")
+    with caplog.at_level(logging.INFO, logger="flux.parallel"):
+        assert ParallelSettings.from_env("cuda" if visible else "cpu", visible=visible).degree == degree
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{ENV_GPUS}=all")]
+    if not visible:
+        assert lines == []
+    elif visible == degree:
+        assert lines == [f"{ENV_GPUS}=all: {degree} GPUs, every one torch sees"]
+    elif visible > 8:
+        assert lines == [
+            f"{ENV_GPUS}=all: 8 of the {visible} GPUs torch sees: 8 at most (Ulysses cannot split FLUX.1's 24 "
+            "attention heads over 16)"
+        ]
+    else:
+        assert lines == [
+            f"{ENV_GPUS}=all: {degree} of the {visible} GPUs torch sees: a power of two divides every call's 512 "
+            f"text tokens; over {visible} every call would take the uneven split (eager, no compile)"
+        ]
+
+
+@pytest.mark.parametrize("gpus,suggested", [(3, 2), (5, 4), (6, 4), (7, 4), (12, 8)])
+def test_a_degree_the_text_tokens_do_not_divide_warns_at_setup_what_it_costs(monkeypatch, caplog, gpus, suggested):
+    monkeypatch.setenv(ENV_GPUS, str(gpus))
+    with caplog.at_level(logging.WARNING, logger="flux.parallel"):
+        assert ParallelSettings.from_env("cuda", visible=16).degree == gpus
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == (
+        f"{ENV_GPUS}={gpus}: {gpus} does not divide the 512 text tokens of every transformer call, so every call "
+        "takes diffusers' uneven split, which runs eagerly (no compile) and exchanges the share sizes inside each "
+        f"attention; {ENV_GPUS}={suggested} (a power of two) splits the text evenly and runs compiled for every "
+        f"size whose image tokens divide by {suggested} too"
+    )
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+def test_a_power_of_two_sets_up_without_a_warning(monkeypatch, caplog, gpus):
+    monkeypatch.setenv(ENV_GPUS, str(gpus))
+    with caplog.at_level(logging.WARNING, logger="flux.parallel"):
+        assert ParallelSettings.from_env("cuda", visible=8).degree == gpus
+    assert not caplog.records
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from tests import test_server_lifecycle
 from tests.cog_server import ROOT, data_uri, decode_output, output_bytes, running_server
 from tests.conftest import make_image
 from tests.hostile_files import encode
+from tests.http_fixtures import LocalHTTP
 from tests.test_server_lifecycle import steps_logged
 
 TWO_HEADS = SyntheticConfig(num_attention_heads=2)
@@ -50,6 +51,12 @@ TOLERANCE = 1
 """Grey levels an image from two processes may differ by from one process's: the ranks add up the attention in
 another order (Ulysses exchanges the sequence), floating-point rounding that reaches a pixel here and there."""
 FAULT = "this server lost a rank and cannot edit until it is restarted"
+BIG_LORA_RANK = 65536
+"""A LoRA this large (235 MB for the two-head model) keeps each rank reading and fusing it for one to two seconds
+on this CPU: long enough for a cancel to land in it."""
+CANCEL_AFTER_S = 0.3
+"""After the prediction logs its seed (its inputs read, the LoRA fetched), the LoRA's use starts within ~0.1 s."""
+INTERRUPTED = "context parallel: the LoRAs' use did not finish alike on every rank"
 hooks = test_server_lifecycle.hooks  # the webhooks fixture (module-scoped: one local HTTP server per module)
 
 
@@ -67,7 +74,8 @@ def one(two_heads, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two(two_heads, tmp_path_factory):
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(running_server(two_heads, tmp_path_factory.mktemp("two"), {"FLUX_GPUS": "2"}))
+        env = {"FLUX_GPUS": "2", "FLUX_ALLOW_PRIVATE_URLS": "1"}  # the big LoRA comes from a server on loopback
+        server = stack.enter_context(running_server(two_heads, tmp_path_factory.mktemp("two"), env))
         server.stop = stack.close
         yield server
 
@@ -76,6 +84,17 @@ def two(two_heads, tmp_path_factory):
 def lora(tmp_path_factory):
     path = write_tiny_lora(tmp_path_factory.mktemp("lora"), cfg=TWO_HEADS)
     return data_uri(path.read_bytes(), "application/octet-stream")
+
+
+@pytest.fixture(scope="module")
+def big_lora(tmp_path_factory):
+    """The URL of a LoRA of rank BIG_LORA_RANK, served on loopback; its alpha makes it change the image as much as
+    the small one (peft's gaussian init scales A by 1 / rank)."""
+    rank = BIG_LORA_RANK
+    path = write_tiny_lora(tmp_path_factory.mktemp("big-lora"), seed=2, rank=rank, alpha=rank * 256.0, cfg=TWO_HEADS)
+    http = LocalHTTP({"/big.safetensors": (path.read_bytes(), "application/octet-stream")})
+    yield f"{http.url}/big.safetensors"
+    http.close()
 
 
 def pixels(body: dict) -> np.ndarray:
@@ -118,6 +137,21 @@ def signal_mid_edit(server, hooks, sig: signal.Signals) -> tuple[int, float, flo
     ended_at, result = hooks.completed(pid)
     assert result["status"] == "failed", result
     return worker, signalled_at, ended_at, result
+
+
+def wait_logged(server, prediction_id: str, text: str, timeout: float = 120.0) -> None:
+    """Until the server's log holds a line for the prediction with `text` in it (read as the log grows)."""
+    deadline, pending = time.monotonic() + timeout, ""
+    with open(server.log, errors="replace") as log:
+        while time.monotonic() < deadline:
+            pending += log.readline()
+            if not pending.endswith("\n"):
+                time.sleep(0.005)
+                continue
+            if prediction_id in pending and text in pending:
+                return
+            pending = ""
+    raise AssertionError(f"{text!r} not logged for {prediction_id} within {timeout} s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -174,6 +208,55 @@ def test_cancel_stops_every_rank_before_its_next_step(two, hooks):
     _, after = hooks.completed(next_id)
     assert output_bytes(after) == reference
     assert rank_pids(two) == {1: worker} and two.health()["status"] == "READY"
+
+
+def test_a_cancel_while_rank_0_fuses_loras_leaves_the_server_healthy_and_every_rank_in_step(two, hooks, big_lora):
+    """coglet cancels by raising CancelationException in the prediction's thread (replicate/cog
+    crates/coglet-python/src/cancel.rs: PyThreadState_SetAsyncExc): on rank 0 it can land while the LoRA is read or
+    fused there, after the workers have fused it. The server stays healthy, and the next use restores every rank's
+    weights before fusing afresh."""
+    edit = {**BASE, "num_inference_steps": 4}
+    with_lora = {**edit, "lora_weights": [big_lora]}
+    reference = two.predict(with_lora).json()
+    plain = two.predict(edit).json()  # takes the LoRA out on every rank: the next request fuses it cold
+    assert np.abs(pixels(reference) - pixels(plain)).mean() > 20 * TOLERANCE  # the LoRA changes the image
+    workers = rank_pids(two)
+    for attempt in range(3):
+        pid = two.predict_async(with_lora, hooks.url)
+        wait_logged(two, pid, "Using seed")  # its inputs are read: the LoRA's use begins a moment later
+        time.sleep(CANCEL_AFTER_S)
+        assert two.cancel(pid).status_code == 200
+        _, result = hooks.completed(pid)
+        assert result["status"] == "canceled", result
+        health = two.health()
+        assert health["status"] == "READY", (health, two.log_text()[-3000:])
+        logged = [message for _, message in two.log_lines(pid)]
+        if any(INTERRUPTED in message for message in logged):
+            break
+        print(f"attempt {attempt + 1}: the cancel landed outside the LoRA's use; last lines: {logged[-3:]}")
+        two.predict(edit)  # the LoRA out again, if the cancel came after its use
+    else:
+        raise AssertionError("no cancel landed while rank 0 read or fused the LoRA")
+    after = two.predict(with_lora).json()
+    assert (after["metrics"]["lora_reused"], "lora_resync" in after["metrics"]["seconds"]) == (False, True)
+    warm = two.predict(with_lora).json()
+    assert (warm["metrics"]["lora_reused"], "lora_resync" in warm["metrics"]["seconds"]) == (True, False)
+    assert output_bytes(after) == output_bytes(warm) == output_bytes(reference)
+    assert output_bytes(two.predict(edit).json()) == output_bytes(plain)
+    assert rank_pids(two) == workers and two.health()["status"] == "READY"
+    print(f"cancel during the LoRA's use (attempt {attempt + 1}): re-synced in {after['metrics']['seconds']}")
+
+
+def test_a_lora_every_rank_refuses_keeps_every_rank_in_step_and_the_warm_lora_warm(two, lora):
+    """Each rank's slot refuses an unusable file before changing anything: no re-sync is needed after it."""
+    inputs = {**BASE, "num_inference_steps": 4, "lora_weights": [lora]}
+    fused = two.predict(inputs).json()
+    broken = data_uri(b"not a safetensors file", "application/octet-stream")
+    refused = two.predict({**inputs, "lora_weights": [broken]}).json()
+    assert refused["status"] == "failed" and "lora_weights is not a readable .safetensors file" in refused["error"]
+    warm = two.predict(inputs).json()
+    assert (warm["metrics"]["lora_reused"], "lora_resync" in warm["metrics"]["seconds"]) == (True, False)
+    assert output_bytes(warm) == output_bytes(fused) and two.health()["status"] == "READY"
 
 
 def test_shutdown_ends_every_worker_process(two):
