@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,17 +126,29 @@ def cog_requirement_lines(text: str) -> list[str]:
     return lines
 
 
-def pip_reads(lines: list[str], tmp_path: Path) -> dict:
-    """{name: pip's InstallRequirement} for `lines` as a requirements file, parsed by pip itself (environment
-    variables expanded from this process's environment, as `pip install -r` does)."""
-    from pip._internal.network.session import PipSession
-    from pip._internal.req.constructors import install_req_from_parsed_requirement
-    from pip._internal.req.req_file import parse_requirements
+PIP_READS = """
+import json, sys
+from pip._internal.network.session import PipSession
+from pip._internal.req.constructors import install_req_from_parsed_requirement
+from pip._internal.req.req_file import parse_requirements
 
+reqs = map(install_req_from_parsed_requirement, parse_requirements(sys.argv[1], session=PipSession()))
+print(json.dumps({r.name: {"url": r.link.url if r.link else None, "hash_name": r.link.hash_name if r.link else None,
+                           "hash": r.link.hash if r.link else None, "hash_options": r.has_hash_options}
+                  for r in reqs}))
+"""
+
+
+def pip_reads(lines: list[str], tmp_path: Path, env: dict[str, str]) -> dict:
+    """{name: what pip's InstallRequirement says of its link and hashes} for `lines` as a requirements file, parsed
+    by pip itself with environment variables from `env` expanded, as `pip install -r` does. In a process of its own:
+    importing pip's internals takes setuptools' distutils shim out of this one (pip/_internal/locations), which
+    breaks torch's compile later in the same process."""
     path = tmp_path / "requirements.txt"
     path.write_text("\n".join(lines) + "\n")
-    parsed = parse_requirements(str(path), session=PipSession())
-    return {r.name: r for r in map(install_req_from_parsed_requirement, parsed)}
+    out = subprocess.run([sys.executable, "-c", PIP_READS, str(path)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
 
 
 def test_cogs_reader_cuts_requirement_lines_at_the_first_hash_sign():
@@ -144,20 +157,20 @@ def test_cogs_reader_cuts_requirement_lines_at_the_first_hash_sign():
     assert cog_requirement_lines(text) == ["a==1", "b @ https://x.example/b.whl", "c==2   ; python_version>'3'"]
 
 
-def test_torchaos_hash_reaches_pip_through_cog_build(tmp_path, monkeypatch):
+def test_torchaos_hash_reaches_pip_through_cog_build(tmp_path):
     """requirements.txt as Cog hands it on, read by pip with cog.yaml's environment (its ENV line comes before the
     install in the Dockerfile Cog writes: pkg/dockerfile/standard_generator.go, GenerateInitialSteps): torchao
     keeps its sha256, as a URL fragment, which pip checks without asking a hash of every other requirement."""
     lines = cog_requirement_lines((ROOT / "requirements.txt").read_text())
-    for entry in COG_YAML["environment"]:
-        monkeypatch.setenv(*entry.split("=", 1))
-    reqs = pip_reads(lines, tmp_path)
-    assert reqs["torchao"].link.hash_name == "sha256" and re.fullmatch(r"[0-9a-f]{64}", reqs["torchao"].link.hash)
-    assert reqs["torchao"].link.url_without_fragment.endswith(".whl")
-    assert not any(r.has_hash_options for r in reqs.values())  # no --hash: it would ask one of every line
+    cog_env = dict(entry.split("=", 1) for entry in COG_YAML["environment"])
+    reqs = pip_reads(lines, tmp_path, {**os.environ, **cog_env})
+    torchao = reqs["torchao"]
+    assert torchao["hash_name"] == "sha256" and re.fullmatch(r"[0-9a-f]{64}", torchao["hash"])
+    assert torchao["url"].split("#", 1)[0].endswith(".whl")
+    assert not any(r["hash_options"] for r in reqs.values())  # no --hash: it would ask one of every line
     # Without the variable (outside `cog build`), the URL is not the wheel's: pip fails instead of not checking.
-    monkeypatch.delenv("HASH_SIGN")
-    assert "${HASH_SIGN}" in pip_reads(lines, tmp_path)["torchao"].link.url
+    without = {k: v for k, v in os.environ.items() if k != "HASH_SIGN"}
+    assert "${HASH_SIGN}" in pip_reads(lines, tmp_path, without)["torchao"]["url"]
 
 
 def test_torchao_is_pypis_wheel_and_its_extensions_are_never_loaded():

@@ -44,30 +44,36 @@ def request(mask, strength, **kw) -> EditRequest:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dir):
-    """diffusers' final latents per case: the input image given at our output size (so both resize it the same
-    way, once), the same mask image, strength, seed and steps."""
+def inpaint_pipe(tiny_dir):
     pipe = FluxKontextInpaintPipeline.from_pretrained(tiny_dir)
     pipe.set_progress_bar_config(disable=True)
-    width, height = SIZE
-    out = {}
-    for name, (mask, strength) in CASES.items():
-        packed = pipe(
-            image=images._processor.resize(IMAGE, height, width),
-            mask_image=mask if mask is not None else PIL.Image.new("L", IMAGE.size, 255),
-            prompt=PROMPT,
-            height=height,
-            width=width,
-            max_area=height * width,
-            _auto_resize=False,
-            strength=strength,
-            num_inference_steps=STEPS,
-            guidance_scale=2.5,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-            output_type="latent",
-        ).images
-        out[name] = sampling.unpack(packed, height // 8, width // 8)
-    return out
+    return pipe
+
+
+def diffusers_latents(pipe, mask, strength, size, image_reference=None) -> torch.Tensor:
+    """diffusers' final latents for IMAGE at output `size`: the input image given at that size (so both resize it
+    the same way, once), the same mask image (all white without one), strength, seed and steps."""
+    width, height = size
+    packed = pipe(
+        image=images._processor.resize(IMAGE, height, width),
+        image_reference=image_reference,
+        mask_image=mask if mask is not None else PIL.Image.new("L", IMAGE.size, 255),
+        prompt=PROMPT,
+        max_area=height * width,
+        _auto_resize=False,
+        strength=strength,
+        num_inference_steps=STEPS,
+        guidance_scale=2.5,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="latent",
+    ).images
+    return sampling.unpack(packed, height // 8, width // 8)
+
+
+@pytest.fixture(scope="module")
+def reference(inpaint_pipe):
+    """diffusers' final latents per case."""
+    return {name: diffusers_latents(inpaint_pipe, mask, strength, SIZE) for name, (mask, strength) in CASES.items()}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -85,32 +91,20 @@ OTHER_RATIOS = {  # (aspect_ratio, mask, strength): the 4:3 input edited into an
 
 
 @pytest.mark.parametrize("case", list(OTHER_RATIOS))
-def test_other_aspect_ratios_match_diffusers_inpainting_with_a_reference_image(tiny_dir, editor, case):
+def test_other_aspect_ratios_match_diffusers_inpainting_with_a_reference_image(inpaint_pipe, editor, case):
     """Another aspect ratio: the input image and the mask stretched to the output size are what the edit starts
     from and keeps; the context is the input at its own Kontext size. diffusers' inpainting pipeline does exactly
     that given the stretched input as `image` and the input as `image_reference` (each given at the size we use,
     so both resize once)."""
     aspect_ratio, mask, strength = OTHER_RATIOS[case]
-    width, height = images.output_size(aspect_ratio, *IMAGE.size, 0.25)
-    assert (width, height) != SIZE
-    pipe = FluxKontextInpaintPipeline.from_pretrained(tiny_dir)
-    pipe.set_progress_bar_config(disable=True)
-    packed = pipe(
-        image=images._processor.resize(IMAGE, height, width),
-        image_reference=images._processor.resize(IMAGE, SIZE[1], SIZE[0]),
-        mask_image=mask if mask is not None else PIL.Image.new("L", IMAGE.size, 255),
-        prompt=PROMPT,
-        max_area=height * width,
-        _auto_resize=False,
-        strength=strength,
-        num_inference_steps=STEPS,
-        guidance_scale=2.5,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-        output_type="latent",
-    ).images
+    size = images.output_size(aspect_ratio, *IMAGE.size, 0.25)
+    assert size != SIZE
+    expected = diffusers_latents(
+        inpaint_pipe, mask, strength, size, image_reference=images._processor.resize(IMAGE, SIZE[1], SIZE[0])
+    )
     result = editor.edit(request(mask, strength, aspect_ratio=aspect_ratio))
-    assert result.image.size == (width, height) and result.context_tokens == (SIZE[0] // 16) * (SIZE[1] // 16)
-    assert rel(result.latents, sampling.unpack(packed, height // 8, width // 8)) < TOLERANCE
+    assert result.image.size == size and result.context_tokens == (SIZE[0] // 16) * (SIZE[1] // 16)
+    assert rel(result.latents, expected) < TOLERANCE
 
 
 def test_a_square_input_at_1_1_is_the_same_edit_as_at_its_own_ratio(editor):
