@@ -1,5 +1,5 @@
 """What `cog build` makes of this directory: cog.yaml's torch/CUDA pair is one Cog knows, the keys are ones
-Cog does not deprecate, its `environment` (and the README's example of it) makes a valid Dockerfile ENV line,
+Cog does not deprecate, its `environment` (and docs/deploy.md's example of it) makes a valid Dockerfile ENV line,
 coglet and torchao are pinned to known builds, the container's and the CPU environment's requirements agree where
 they should, and .dockerignore keeps the weights, virtualenvs, outputs, caches and .git out of the image."""
 
@@ -234,10 +234,10 @@ def dockerfile_env(line: str) -> dict[str, str]:
     return env
 
 
-def readme_environment() -> list[str]:
-    """The `environment:` example of the README's Deploy section."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+def docs_environment() -> list[str]:
+    """The `environment:` example of docs/deploy.md."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
     examples = [yaml.safe_load(b)["environment"] for b in blocks if "environment:" in b]
     assert len(examples) == 1
     return examples[0]
@@ -248,10 +248,10 @@ def test_cog_yamls_environment_is_a_valid_env_line():
     assert dockerfile_env(cog_env_line(entries)) == dict(e.split("=", 1) for e in entries)
 
 
-def test_the_readmes_environment_example_is_a_valid_env_line_with_the_urls_it_lists(monkeypatch):
+def test_the_docs_environment_example_is_a_valid_env_line_with_the_urls_it_lists(monkeypatch):
     from flux.weights import weights_urls
 
-    entries = readme_environment()
+    entries = docs_environment()
     env = dockerfile_env(cog_env_line(entries))
     assert env == dict(e.split("=", 1) for e in entries)
     monkeypatch.setenv("FLUX_WEIGHTS_URL", env["FLUX_WEIGHTS_URL"])

@@ -139,14 +139,14 @@ def test_nullable_inputs_are_refused_with_the_reason(server, inputs, loc, msg):
     assert_ready(server)
 
 
-def test_errors_inside_the_predictor_name_the_input_in_the_form_the_readme_shows(server):
+def test_errors_inside_the_predictor_name_the_input_in_the_form_the_docs_show(server):
     """The `error` a client reads: coglet 0.23.1 writes "Prediction failed: " twice and the exception's class
     before the message (crates/coglet-python/src/predictor.rs, predict_worker; worker_bridge.rs, predict), which
-    starts with the input's name. The README quotes this very text."""
+    starts with the input's name. docs/api.md quotes this very text."""
     body = edit(server, prompt="   ")
     expected = "Prediction failed: Prediction failed: InvalidInputError: prompt must be a non-empty instruction"
     assert body["status"] == "failed" and body["error"] == expected, body
-    assert f"`{expected}`" in (ROOT / "README.md").read_text()
+    assert f"`{expected}`" in (ROOT / "docs" / "api.md").read_text()
     assert_ready(server)
 
 

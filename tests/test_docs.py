@@ -1,6 +1,7 @@
-"""The README's examples run as written on a fresh clone: the library example (the tiny model, `flux` importable
-from the environment script/setup makes, from any directory), and `script/serve --tiny` answering the README's
-HTTP request."""
+"""The README and docs/ as a newcomer reads them: every relative link resolves (file and heading), and the examples
+run as written on a fresh clone: the library example (the tiny model, `flux` importable from the environment
+script/setup makes, from any directory), `script/serve --tiny` answering the README's HTTP request, and the local
+LoRA try; the inputs table says what the schema says."""
 
 import ast
 import os
@@ -10,21 +11,63 @@ import sys
 from pathlib import Path
 
 import PIL.Image
+import pytest
 
 from tests.cog_server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README = (ROOT / "README.md").read_text()
 
 
-def code_block(heading: str, language: str) -> str:
-    """The first ```language block after the line `heading`."""
-    section = README.split(f"\n{heading}\n", 1)[1]
+def code_block(page: str, heading: str, language: str) -> str:
+    """The first ```language block after the line `heading` of `page` (relative to the repository)."""
+    section = (ROOT / page).read_text().split(f"\n{heading}\n", 1)[1]
     return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1)
 
 
+def anchors(page: Path) -> set[str]:
+    """The heading anchors GitHub makes for a Markdown page: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    slugs = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        slugs.add(slug)
+    return slugs
+
+
+def test_the_readme_is_a_front_page():
+    assert len(README.splitlines()) <= 250
+    for heading in ("## Two commands", "## Serve it and send an edit", "## Inputs", "## Deploy to Replicate"):
+        assert f"\n{heading}\n" in README
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_resolves(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # a URL
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: {target}"
+        if anchor:
+            assert anchor in anchors(linked), f"{page.name}: {target} (no such heading)"
+
+
+def test_docs_name_only_files_that_exist():
+    """Every docs page is linked from the README, and every `path` a page names in backticks exists."""
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in README, page.name
+    for page in PAGES:
+        for name in re.findall(
+            r"`((?:docs|flux|serving|measure|script|tests|deploy)/[\w./-]+\.(?:py|md|json))`", page.read_text()
+        ):
+            assert (ROOT / name).exists(), f"{page.name} names {name}"
+
+
 def workdir(tmp_path: Path) -> Path:
-    """A directory outside the repository that has its examples and .venv, as the README's relative paths expect."""
+    """A directory outside the repository that has its examples and .venv, as the docs' relative paths expect."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     for name in ("examples", ".venv"):
         (tmp_path / name).symlink_to(ROOT / name)
@@ -32,7 +75,7 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def run_bash(block: str, cwd: Path, port: str) -> str:
-    """A README bash block, run as written but against the server on `port`; its output."""
+    """A bash block, run as written but against the server on `port`; its output."""
     out = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", block.replace("localhost:5000", f"localhost:{port}")],
         cwd=cwd,
@@ -47,7 +90,7 @@ def run_bash(block: str, cwd: Path, port: str) -> str:
 def test_the_library_example_runs_as_written(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(
-        [sys.executable, "-c", code_block("## As a library", "python")],
+        [sys.executable, "-c", code_block("docs/development.md", "## As a library", "python")],
         cwd=workdir(tmp_path),
         env=env,
         capture_output=True,
@@ -60,9 +103,10 @@ def test_the_library_example_runs_as_written(tmp_path):
     assert PIL.Image.open(tmp_path / "out" / "edited-library.png").size == (1248, 832)
 
 
-def test_serve_tiny_answers_the_readmes_http_requests(tmp_path):
-    """The HTTP section's request, and the LoRA section's local try with a LoRA written by flux.tiny."""
-    curl, lora = code_block("### HTTP", "bash"), code_block("### LoRA", "bash")
+def test_serve_tiny_answers_the_docs_http_requests(tmp_path):
+    """The README's request, and docs/editing.md's local LoRA try with a LoRA written by flux.tiny."""
+    curl = code_block("README.md", "## Serve it and send an edit", "bash")
+    lora = code_block("docs/editing.md", "## LoRA", "bash")
     assert "localhost:5000" in curl and "localhost:5000" in lora
     cwd = workdir(tmp_path / "work")
     with running_server(None, tmp_path / "server", args=("--tiny",)) as server:
