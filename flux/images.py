@@ -75,7 +75,7 @@ def check_output_options(fmt: object, quality: object) -> None:
 
 
 WEBP_METHOD = 1
-"""libwebp's effort, 0 (fast) to 6; Pillow's default is 4. Measured at 1 MP (BENCHMARKS.md, host-side costs):
+"""libwebp's effort, 0 (fast) to 6; Pillow's default is 4. Measured at 1 MP (docs/benchmarks.md, host-side costs):
 1 encodes 2-4× faster, the same quality (PSNR within 0.3 dB) and at most 30 % more bytes (tested)."""
 PNG_COMPRESS_LEVEL = 1
 """zlib's level for PNG, 0-9; Pillow's default is 6. Measured at 1 MP: 1 encodes up to 2× faster, at most
@@ -92,7 +92,7 @@ def load_image(path: str | os.PathLike, name: str = "input_image", draft: bool =
     With `draft`, a JPEG at least twice its Kontext size on each side is decoded at 1/2, 1/4 or 1/8 scale
     (libjpeg scales in the DCT; Pillow's draft mode), never below that size: the edit resizes it to the
     Kontext size anyway. A 12 MP phone photo then decodes and resizes in about half the time
-    (BENCHMARKS.md, host-side costs), and the context image differs by less than one grey level.
+    (docs/benchmarks.md, host-side costs), and the context image differs by less than one grey level.
     """
     return to_rgb(open_image(path, name, draft))
 

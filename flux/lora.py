@@ -83,7 +83,7 @@ def file_sha256(path: Path) -> str:
 
 GPU_HEADROOM_BYTES = 16 * 2**30
 """Free GPU memory an original weight's copy must leave beside it to stay on the GPU: a 2 MP edit's tensors
-peak about 3 GiB above the weights (BENCHMARKS.md, the fake-CUDA estimate), and compile, the allocator's cache
+peak about 3 GiB above the weights (docs/benchmarks.md, the fake-CUDA estimate), and compile, the allocator's cache
 and the libraries' workspaces want more."""
 
 

@@ -101,7 +101,7 @@ class AccelerationConfig:
     @classmethod
     def default_for(cls, device: str | torch.device) -> AccelerationConfig:
         """What "default" means on `device`: regional compile on CUDA (ready soon after the weights load;
-        why the others stay off is in the README), nothing on the CPU (compiling costs minutes there)."""
+        why the others stay off is in docs/accelerations.md), nothing on the CPU (compiling costs minutes there)."""
         return cls(compile=CompileScope.REGIONAL) if torch.device(device).type == "cuda" else cls()
 
     @classmethod

@@ -8,7 +8,7 @@ truncated Taylor series, `v ≈ Σ_i dY[i] · k^i / i!`.
 This recursion is exact on linear trajectories at every order. It is not exact on curved ones:
 each backward difference estimates its derivative half a window in the past. Other extrapolations
 (exact Newton polynomials, differences over the schedule's times) and an adaptive compute policy
-were measured against it (FIDELITY.md); they live with the measuring tools and plug into the same
+were measured against it (docs/fidelity.md); they live with the measuring tools and plug into the same
 seam of the denoise loop (`sampling.denoise`'s `extrapolation` and `compute` arguments).
 """
 
@@ -39,7 +39,7 @@ class AccelerationLevel(enum.StrEnum):
 class StepSchedule(enum.StrEnum):
     """Other step maps at the levels' call counts, which spend more of the budget on the first steps.
 
-    On the proxy model (FIDELITY.md, "Against the peers") each was the best of every warm-up × spacing ×
+    On the proxy model (docs/fidelity.md, "Against the peers") each was the best of every warm-up × spacing ×
     cool-down × order tried at its call count, chosen on one set of cases, and beat its level's map on a
     held-out set: 18 calls on 16 of 16 cases (+14 dB median), 13 calls on 12 of 16 (+6 dB). The levels keep
     the seed's maps (what Replicate documents); these are offered under their own names until real weights
@@ -70,7 +70,7 @@ _PATTERNS: dict[AccelerationLevel | StepSchedule, _StepPattern | None] = {
 
 LEVEL_DEFAULT_ORDER: dict[AccelerationLevel, int] = {
     AccelerationLevel.NONE: DEFAULT_ORDER,  # nothing is extrapolated
-    # Measured on the proxy model (FIDELITY.md): at `go fast` (windows of 2 steps) order 1 beat
+    # Measured on the proxy model (docs/fidelity.md): at `go fast` (windows of 2 steps) order 1 beat
     # orders 2 and 3 on every case; at `go really fast` (windows of 3) order 2 beat order 1 on
     # 21 of 24 cases and halved the final latents' error.
     AccelerationLevel.GO_FAST: 1,
@@ -78,7 +78,7 @@ LEVEL_DEFAULT_ORDER: dict[AccelerationLevel, int] = {
 }
 
 SCHEDULE_DEFAULT_ORDER: dict[StepSchedule, int] = {
-    # Chosen with the map, on the same tuning cases (FIDELITY.md).
+    # Chosen with the map, on the same tuning cases (docs/fidelity.md).
     StepSchedule.GO_FAST_FRONT_LOADED: 2,
     StepSchedule.GO_REALLY_FAST_FRONT_LOADED: 3,
 }

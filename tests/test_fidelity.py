@@ -1,7 +1,7 @@
-"""Fidelity of every shipped acceleration on the proxy model, pinned to the figures in FIDELITY.md.
+"""Fidelity of every shipped acceleration on the proxy model, pinned to the figures in docs/fidelity.md.
 
 The quick setting of the harness (measure.fidelity) runs here on the shipped proxy
-(tests/assets/proxy); each row must stay within a margin of the row recorded in FIDELITY.md, so a
+(tests/assets/proxy); each row must stay within a margin of the row recorded in docs/fidelity.md, so a
 regression in the caching maths fails CI. Deliberately broken extrapolations (wrong sign, none at
 all, one step late, a missing factorial) show that the floors bite.
 """
@@ -26,8 +26,8 @@ REL_MARGIN = 1.25  # latent rel L2 and extrapolation error may grow by this fact
 
 
 def recorded_quick_rows() -> dict[str, dict[str, float]]:
-    """The rows of FIDELITY.md's quick-setting table: variant -> calls, psnr, ssim, rel L2, error."""
-    text = (ROOT / "FIDELITY.md").read_text()
+    """The rows of docs/fidelity.md's quick-setting table: variant -> calls, psnr, ssim, rel L2, error."""
+    text = (ROOT / "docs" / "fidelity.md").read_text()
     section = text.split("<!-- quick-table -->")[1].split("<!-- /quick-table -->")[0]
     rows = {}
     for line in section.splitlines():

@@ -135,7 +135,7 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_never_below_its_kontext_size(tm
     drafted, full = images.load_image(path), images.load_image(path, draft=False)
     assert full.size == (2400, 1800) and drafted.size == (1200, 900)
     assert images.kontext_size(*drafted.size) == images.kontext_size(*full.size)
-    assert psnr(context_pixels(drafted), context_pixels(full)) > 45  # measured 52 dB (BENCHMARKS.md)
+    assert psnr(context_pixels(drafted), context_pixels(full)) > 45  # measured 52 dB (docs/benchmarks.md)
 
 
 def test_a_drafted_jpeg_keeps_its_exif_orientation(tmp_path):

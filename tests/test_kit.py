@@ -118,11 +118,11 @@ def test_quick_runs_on_the_cpu_as_on_the_gpu(tmp_path):
 
 
 def test_the_quick_plan_fits_nine_minutes_on_an_h100():
-    """Its predicted time from the FLOP counts and the rates it assumes, as BENCHMARKS.md gives it."""
+    """Its predicted time from the FLOP counts and the rates it assumes, as docs/benchmarks.md gives it."""
     predicted = quick.predicted_plan()
     total = sum(seconds for _, seconds in predicted)
     assert total < 540
-    assert f"{total:.0f} s" in (ROOT / "BENCHMARKS.md").read_text()
+    assert f"{total:.0f} s" in (ROOT / "docs" / "benchmarks.md").read_text()
     main = kit.PARTS["quick"]
     in_main = total - quick.ASSUMED.restart_s - quick.ASSUMED.serve_s
     assert main.estimate_s == round(in_main) and in_main <= 540 - sum(kit.PARTS[n].reserve_s for n in kit.QUICK[1:])

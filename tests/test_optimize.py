@@ -195,7 +195,7 @@ def test_served_shapes_cover_every_aspect_ratio_resolution_draft_and_several_ima
     assert Shape(512, 512, 512, 512) in shapes
     assert Shape(1024, 1024, 1024, 1024, ((1024, 1024),)) in shapes  # two images, separate
     assert max(len(s.contexts()) for s in shapes) == 1 + MAX_EXTRA_IMAGES
-    assert max(s.tokens()[1] for s in shapes) <= 8400  # the README's bound on separate mode's context
+    assert max(s.tokens()[1] for s in shapes) <= 8400  # docs/editing.md's bound on separate mode's context
 
 
 def test_warm_up_compiles_once_unless_a_backend_plans_per_shape():

@@ -186,7 +186,7 @@ def test_the_kit_s_parallel_part_runs_two_cpu_processes_with_regional_compile(tm
 
 
 def test_the_expected_speed_table_s_figures():
-    """The estimates the README and BENCHMARKS.md quote (measure.parallel --plan)."""
+    """The estimates docs/several-gpus.md and docs/benchmarks.md quote (measure.parallel --plan)."""
     config = full_config()
     tokens = 8192  # 1024² output and context
     assert exchanged_bytes(Kind.ULYSSES, 2, config, tokens) / 1e6 == pytest.approx(3048, abs=1)

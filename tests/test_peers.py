@@ -1,6 +1,6 @@
 """The peers harness (measure.peers): what it counts, how it prices, and that it measures each peer fairly.
 
-The full comparison is slow and lives in FIDELITY.md; here each piece runs once on the shipped proxy. The
+The full comparison is slow and lives in docs/fidelity.md; here each piece runs once on the shipped proxy. The
 cache-dit test skips without the optional dependency (requirements-peers.txt).
 """
 
@@ -182,7 +182,7 @@ def test_run_peers_reports_each_budget_and_skips_what_is_not_installed(proxy_edi
     ],
 )
 def test_the_front_loaded_schedules_are_the_step_maps_chosen_against_the_peers(schedule, chosen, order):
-    """What FIDELITY.md's peers table chose on the tuning set (map and order) is what flux offers by name."""
+    """What docs/fidelity.md's peers table chose on the tuning set (map and order) is what flux offers by name."""
     for steps in (28, 50, 9):
         assert generate_compute_step_map(schedule, steps) == chosen.step_map(steps)
     assert sum(chosen.step_map(28)) in peers.BUDGETS and SCHEDULE_DEFAULT_ORDER[schedule] == order

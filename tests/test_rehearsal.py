@@ -21,10 +21,10 @@ def gpu():
 
 
 def documented_peak_gib(size: tuple[int, int]) -> float:
-    """The estimate BENCHMARKS.md gives for `size` (its rehearsal table)."""
-    text = (ROOT / "BENCHMARKS.md").read_text()
+    """The estimate docs/benchmarks.md gives for `size` (its rehearsal table)."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
     row = re.search(rf"^\| {size[0]}x{size[1]} \| [^|]+ \| [\d.]+ \| ([\d.]+) \|", text, re.MULTILINE)
-    assert row, f"BENCHMARKS.md has no rehearsal row for {size}"
+    assert row, f"docs/benchmarks.md has no rehearsal row for {size}"
     return float(row.group(1))
 
 
