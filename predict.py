@@ -1,6 +1,6 @@
 """Cog adapter for FLUX.1 Kontext [dev] editing: declares the inputs, calls the server, returns a file.
 
-`cog build` reads this file without running it (a static parse: script/openapi_schema.py says which forms it
+`cog build` reads this file without running it (a static parse: script/cog_parse.py says which forms it
 reads), so every Input() keyword is a literal written here. tests/test_schema.py holds each literal against the
 constant the library validates with, so the two cannot drift.
 """

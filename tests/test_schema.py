@@ -1,4 +1,4 @@
-"""predict.py as `cog build` reads it: statically, by Cog's rules (script/openapi_schema.py cites them). Every
+"""predict.py as `cog build` reads it: statically, by Cog's rules (script/cog_parse.py cites them). Every
 input is read, with the values Python sees; every literal is the constant the library validates with; and the
 forms Cog refuses or changes silently are caught."""
 
@@ -26,14 +26,8 @@ from flux.pipeline import (
     MultiImageMode,
 )
 from flux.taylor_seer_utils import SCHEDULE_NAMES
-from script.openapi_schema import (
-    UNSET,
-    CogSchemaError,
-    build_schema,
-    parse_predictor,
-    read_predictor,
-    silent_changes,
-)
+from script.cog_parse import UNSET, CogSchemaError, parse_predictor, read_predictor
+from script.openapi_schema import build_schema, silent_changes
 from serving.server import AUTO, MEGAPIXELS, RANDOM_SEED, Inputs
 
 ROOT = Path(__file__).resolve().parent.parent
