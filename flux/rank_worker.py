@@ -34,7 +34,7 @@ from flux.lora import LoraSlot
 from flux.model import load_transformer
 from flux.optimize import AccelerationConfig, artifact_path, optimize, save_artifacts
 from flux.pipeline import served_shapes
-from flux.ranks import receive_kwargs
+from flux.rank_wire import receive_kwargs
 
 logger = logging.getLogger("flux.rank_worker")
 

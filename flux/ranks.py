@@ -5,10 +5,10 @@ of which loads the transformer onto its own device and applies the same accelera
 whole model; then all join one process group, put diffusers' context parallelism on their transformers
 (flux.parallel) and compile and warm up together. While serving, only rank 0 runs the denoise loop: it is the
 editor's velocity model (KontextEditor.velocity_model), so each transformer call of rank 0's step map becomes one
-call on every rank. Rank 0 tells each worker over its control socket what the call's inputs are, broadcasts them,
-runs its own share and gathers the output. TaylorSeer's state stays on rank 0, and no rank can run a step the
-map does not have: a worker computes only what rank 0 sends it. The request's LoRAs are fused on every rank, and
-kept or taken out on every rank as on rank 0 (flux.rank_loras).
+call on every rank. Rank 0 tells each worker over its control socket what the call's inputs are (flux.rank_wire),
+broadcasts them, runs its own share and gathers the output. TaylorSeer's state stays on rank 0, and no rank can run
+a step the map does not have: a worker computes only what rank 0 sends it. The request's LoRAs are fused on every
+rank, and kept or taken out on every rank as on rank 0 (flux.rank_loras).
 
 Faults never hang the server. A monitor thread watches the workers and the deadline of what is in progress (a
 call, setup): a worker that exits, or a call not finished on every rank in time (FLUX_PARALLEL_TIMEOUT_S), ends the
@@ -24,7 +24,6 @@ ends them at exit.
 from __future__ import annotations
 
 import atexit
-import collections
 import concurrent.futures
 import contextlib
 import datetime
@@ -33,14 +32,13 @@ import json
 import logging
 import multiprocessing.connection
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -50,94 +48,18 @@ from flux import parallel, sampling
 from flux.errors import ParallelError
 from flux.optimize import AccelerationConfig, CompileScope, Shape, warm_up
 from flux.rank_loras import RankLoras
+from flux.rank_wire import Worker, wire_specs
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_MODULE = "flux.rank_worker"
 MONITOR_INTERVAL_S = 0.05
-TAIL_LINES = 20
-
-
-# ---- what rank 0 and a worker say to each other ------------------------------------------------------------
-# rank 0 -> worker: ("join",), ("call", seq, specs), ("lora_use", seq, loras), ("lora_restore", seq),
-#                   ("save_artifacts", seq), ("stop",)
-# worker -> rank 0: ("loaded", seconds), ("ready", seconds), ("done", seq, error or None), ("failed", message)
-
-
-def wire_specs(kwargs: dict) -> tuple[list[tuple[str, str, object]], list[torch.Tensor]]:
-    """A call's keyword arguments as (name, "tensor", (shape, dtype)) or (name, "value", value), and its tensors
-    in the order they are broadcast."""
-    specs, tensors = [], []
-    for name, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            specs.append((name, "tensor", (tuple(value.shape), str(value.dtype).removeprefix("torch."))))
-            tensors.append(value.contiguous())
-        else:
-            specs.append((name, "value", value))
-    return specs, tensors
-
-
-def receive_kwargs(specs: list[tuple[str, str, object]], device: torch.device) -> dict:
-    """The keyword arguments of a call whose specs came from rank 0: tensors received by broadcast, in order."""
-    kwargs = {}
-    for name, kind, payload in specs:
-        if kind == "tensor":
-            shape, dtype = payload
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-            dist.broadcast(tensor, src=0)
-            kwargs[name] = tensor
-        else:
-            kwargs[name] = payload
-    return kwargs
 
 
 def rank_compile_cache(cache: Path | None, settings: parallel.ParallelSettings, rank: int) -> Path | None:
     """Each rank keeps its own compile artifacts (its graphs hold its own collectives), apart from one GPU's."""
     return None if cache is None else Path(cache) / settings.describe() / f"rank-{rank}"
-
-
-# ---- rank 0's view of a worker -----------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Worker:
-    rank: int
-    device: torch.device
-    proc: subprocess.Popen
-    conn: multiprocessing.connection.Connection
-    state: str = "starting"  # starting -> loaded -> ready
-    done: int = 0  # the last command it finished
-    errors: dict[int, str] = field(default_factory=dict)  # a command's error it reported (an unusable LoRA)
-    failure: str | None = None  # what it reported before exiting
-    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-    reader: threading.Thread | None = None
-
-    def describe(self) -> str:
-        return f"rank {self.rank} (pid {self.proc.pid}, {self.device})"
-
-    def send(self, message: tuple) -> None:
-        with self.send_lock:
-            self.conn.send(message)
-
-    def exit_status(self) -> str:
-        code = self.proc.returncode
-        if code is None:
-            return f"is {_process_state(self.proc.pid)}"
-        if code < 0:
-            return f"was killed by {signal.Signals(-code).name}"
-        return f"exited with status {code}"
-
-
-def _process_state(pid: int) -> str:
-    """'stopped', 'running', 'sleeping', ... from /proc (what a worker that misses a deadline is doing)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "in an unknown state"
-    names = {"R": "running", "S": "sleeping", "D": "waiting on the disk", "T": "stopped", "t": "stopped"}
-    return names.get(state, f"in state {state}")
 
 
 @dataclass(frozen=True)
