@@ -40,7 +40,7 @@ from flux import clock, optimize, sampling
 from flux.optimize import AccelerationConfig, CompileScope, Fp8Scope, Shape
 from flux.pipeline import KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
-from measure import bench, bench_table, floors, records
+from measure import bench, bench_table, floors, records, timing
 from measure.records import Budget, RowWriter, environment
 
 NONE, FASTEST = AccelerationLevel.NONE, AccelerationLevel.GO_REALLY_FAST
@@ -202,7 +202,7 @@ class Quick:
 
     def _build(self) -> None:
         t0 = clock.now(self.device)
-        components = bench.build_components(self.args.config, self.device)
+        components = timing.build_components(self.args.config, self.device)
         build_s = clock.now(self.device) - t0
         self.transformer = components.transformer
         self.editor = KontextEditor(components)
@@ -216,7 +216,7 @@ class Quick:
             for name in ("transformer", "text_encoder_2", "text_encoder", "vae")
         }
         self.writer.write("build", build_s=build_s, dtype=str(components.dtype), parameters=parameters)
-        bench.log(f"built the {self.args.config} model in {build_s:.1f} s")
+        timing.log(f"built the {self.args.config} model in {build_s:.1f} s")
 
     def _item(self, item: Item) -> None:
         size = self.args.large_size if item.large else self.args.size
@@ -235,7 +235,7 @@ class Quick:
         if self.budget.seconds is not None and self.budget.elapsed() + predicted > self.budget.seconds:
             left = self.budget.seconds - self.budget.elapsed()
             return self._skip(item, size, fields, f"time budget: {left:.0f} s left", predicted)
-        bench.log(f"{item.name} (predicted {predicted:.1f} s)")
+        timing.log(f"{item.name} (predicted {predicted:.1f} s)")
         run = {"micro": self._micro, "warm": self._warm, "edit": self._edit, "baseline": self._baseline}
         run["setting"] = self._setting
         t0 = clock.now(self.device)
@@ -249,12 +249,12 @@ class Quick:
             self.writer.write("error", stage=item.name, error=f"{type(e).__name__}: {e}", **fields)
             self.errors += 1
             status = "error"
-            bench.free_memory(self.device)
+            timing.free_memory(self.device)
         taken = clock.now(self.device) - t0
         self.writer.write("item", item=item.name, status=status, predicted_s=predicted, taken_s=taken)
 
     def _skip(self, item: Item, size, fields: dict, reason: str, predicted: float | None) -> None:
-        bench.log(f"{item.name}: skipped, {reason}")
+        timing.log(f"{item.name}: skipped, {reason}")
         level = {"level": item.level.value} if item.level else {}
         self.writer.write(
             "skipped", **fields, **level, size=list(size), steps=self.args.steps, reason=reason, predicted_s=predicted
@@ -268,10 +268,10 @@ class Quick:
         for row in self.micro:
             self.writer.write("micro", item=item.name, **row)
         self.predictor.rates = floors.rates_from(self.micro, floors.image_tokens(size) + sampling.TEXT_TOKENS)
-        bench.log("rates: " + ", ".join(bench_table.rates_summary(self.micro)))
+        timing.log("rates: " + ", ".join(bench_table.rates_summary(self.micro)))
 
     def _warm(self, item: Item, size, fields: dict) -> None:
-        self.editor.edit_at_size(bench.request(item.level, size, WARM_STEPS), size, size)
+        self.editor.edit_at_size(timing.request(item.level, size, WARM_STEPS), size, size)
 
     def _case(self, size) -> bench.Case:
         return bench.Case(size, self.args.steps, floors.transformer_flops(self.tconfig, floors.image_tokens(size)))
@@ -288,7 +288,7 @@ class Quick:
 
     def _edit(self, item: Item, size, fields: dict) -> None:
         case, fp8 = self._case(size), self.config.fp8 and self.config.fp8.value
-        r = bench.bench_ours(self.editor, item.level, size, self.args.steps, item.repeats, item.probe, untimed=False)
+        r = timing.bench_ours(self.editor, item.level, size, self.args.steps, item.repeats, item.probe, untimed=False)
         r.update(self._floor(case, r["transformer_calls"], fp8))
         r["ratio_to_floor"] = r["seconds"]["total"] / r["floor_s"]
         r["denoise_ratio_to_floor"] = r["seconds"]["denoise"] / r["floor_s"]
@@ -300,7 +300,7 @@ class Quick:
     def _baseline(self, item: Item, size, fields: dict) -> None:
         case = self._case(size)
         components = dataclasses.replace(self.editor.components, transformer=self.transformer)
-        base = bench.bench_baseline(components, size, self.args.steps, item.repeats, untimed=False)
+        base = timing.bench_baseline(components, size, self.args.steps, item.repeats, untimed=False)
         base.update(self._floor(case, base["transformer_calls"]))
         base["ratio_to_floor"] = base["seconds"]["total"] / base["floor_s"]
         fields = fields | {"accelerations": "diffusers eager"}
@@ -310,8 +310,8 @@ class Quick:
     def _setting(self, item: Item, size, fields: dict) -> None:
         """Apply `item.change` to the transformer in place and warm up what it needs."""
         target = dataclasses.replace(self.config, **item.change)
-        bench.mark_memory(self.device)  # this setting's peaks: quantisation, compilation and warm-up included
-        graphs = bench.graphs_compiled()
+        timing.mark_memory(self.device)  # this setting's peaks: quantisation, compilation and warm-up included
+        graphs = timing.graphs_compiled()
         shapes = [Shape(*size, *size)]
         if self.config == AccelerationConfig():  # nothing applied yet: the server's own setup path
             prepare = optimize.optimize(
@@ -326,11 +326,11 @@ class Quick:
             path = optimize.artifact_path(self.args.compile_cache, self.transformer, target, self.args.compile_backend)
             extra["artifacts"] = {"path": str(path), "bytes": path.stat().st_size if path.is_file() else None}
             self.predictor.compile_s = sum(prepare.values())
-        compiles = bench.graphs_compiled() - graphs
+        compiles = timing.graphs_compiled() - graphs
         self.writer.write(
-            "setting", **fields, prepare_s=prepare, compiles=compiles, **bench.peak_memory(self.device), **extra
+            "setting", **fields, prepare_s=prepare, compiles=compiles, **timing.peak_memory(self.device), **extra
         )
-        bench.log(f"{item.name}: {sum(prepare.values()):.1f} s ({compiles} graphs compiled)")
+        timing.log(f"{item.name}: {sum(prepare.values()):.1f} s ({compiles} graphs compiled)")
 
 
 def apply_in_place(
@@ -361,11 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=["tiny", "full"], default="full")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--steps", type=int, default=sampling.DEFAULT_STEPS)
-    parser.add_argument("--size", type=bench.parse_size, default=GPU_SIZE, help="WIDTHxHEIGHT of most rows")
-    parser.add_argument("--large-size", type=bench.parse_size, default=GPU_LARGE_SIZE, help="of the large row")
+    parser.add_argument("--size", type=timing.parse_size, default=GPU_SIZE, help="WIDTHxHEIGHT of most rows")
+    parser.add_argument("--large-size", type=timing.parse_size, default=GPU_LARGE_SIZE, help="of the large row")
     parser.add_argument(
         "--micro-sizes",
-        type=lambda text: [bench.parse_size(t) for t in text.split(",")],
+        type=lambda text: [timing.parse_size(t) for t in text.split(",")],
         default=[(512, 512), GPU_SIZE, GPU_LARGE_SIZE],
         help="sizes whose token counts the SDPA microbenchmarks run at (default: 0.25, 1 and 2 MP)",
     )

@@ -54,7 +54,7 @@ from flux.model import FluxComponents
 from flux.pipeline import EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel
 from flux.tiny import FULL, SyntheticConfig, build_pipeline
-from measure import bench, floors
+from measure import floors, timing
 
 GIB = 2**30
 _GPU = torch.device("cuda", 0)
@@ -392,8 +392,8 @@ class FakeGpu:
 
         handles = [transformer.register_forward_pre_hook(opened), transformer.register_forward_hook(closed)]
         undo = plant(transformer) if plant else None
-        image = bench.sample_image(*size)
-        request = EditRequest(bench.PROMPT, image, num_inference_steps=steps, seed=0, acceleration=level)
+        image = timing.sample_image(*size)
+        request = EditRequest(timing.PROMPT, image, num_inference_steps=steps, seed=0, acceleration=level)
         t0 = time.perf_counter()
         watch.report, watch.peak = report, watch.live
         try:
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| " + " | ".join([*columns, "TFLOP per call"]) + " |")
     print("|" + " --- |" * 7)
     for mp in args.megapixels.split(","):
-        size = bench.megapixel_size(float(mp))
+        size = timing.megapixel_size(float(mp))
         report = gpu.rehearse(size, args.steps, AccelerationLevel(args.level))
         n = (size[0] // 16) * (size[1] // 16)
         expected = floors.transformer_flops(config, 2 * n)

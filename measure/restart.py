@@ -31,7 +31,7 @@ from flux import clock, optimize
 from flux.optimize import AccelerationConfig, Shape
 from flux.pipeline import EditRequest, KontextEditor, served_shapes
 from flux.taylor_seer_utils import AccelerationLevel
-from measure import bench, records
+from measure import records, timing
 from measure.records import RowWriter, environment
 
 ENV_LAUNCHED_AT = "BENCH_LAUNCHED_AT"
@@ -54,7 +54,7 @@ def parse_shapes(text: str) -> list[Shape]:
     WIDTHxHEIGHT,... gives those sizes, with a context image of the same size."""
     if text == "served":
         return served_shapes()
-    return [Shape(*size, *size) for size in (bench.parse_size(t) for t in text.split(","))]
+    return [Shape(*size, *size) for size in (timing.parse_size(t) for t in text.split(","))]
 
 
 def restart(args: argparse.Namespace, writer: RowWriter) -> dict:
@@ -64,9 +64,9 @@ def restart(args: argparse.Namespace, writer: RowWriter) -> dict:
     launched = float(os.environ[ENV_LAUNCHED_AT]) if os.environ.get(ENV_LAUNCHED_AT) else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = clock.now(device)
-    components = bench.build_components(args.config, device)
+    components = timing.build_components(args.config, device)
     build_s = clock.now(device) - t0  # random initialisation runs on the GPU
-    bench.log(f"built the {args.config} model in {build_s:.1f} s")
+    timing.log(f"built the {args.config} model in {build_s:.1f} s")
 
     transformer = components.transformer
     config = optimize.resolve(AccelerationConfig.parse(args.accelerations), device)
@@ -75,7 +75,7 @@ def restart(args: argparse.Namespace, writer: RowWriter) -> dict:
     if config.compile and args.compile_cache is not None:
         found = optimize.artifact_path(args.compile_cache, transformer, config, backend).is_file()
     shapes = parse_shapes(args.shapes)
-    cache_before, graphs_before = _cache_counts(), bench.graphs_compiled()
+    cache_before, graphs_before = _cache_counts(), timing.graphs_compiled()
     t0 = clock.now(device)
     seconds = optimize.optimize(transformer, config, args.compile_cache, shapes=shapes, compile_backend=backend)
     setup_beyond_build_s = clock.now(device) - t0
@@ -99,9 +99,9 @@ def restart(args: argparse.Namespace, writer: RowWriter) -> dict:
         "ready_s": ready_at - launched if launched else None,
         "shapes": len(optimize.warm_up_shapes(config, shapes)),
         "cache": cache,
-        "graphs_compiled": bench.graphs_compiled() - graphs_before,
+        "graphs_compiled": timing.graphs_compiled() - graphs_before,
     }
-    bench.log(f"ready: optimize() took {setup_beyond_build_s:.1f} s, artifacts found: {found}, cache {cache}")
+    timing.log(f"ready: optimize() took {setup_beyond_build_s:.1f} s, artifacts found: {found}, cache {cache}")
     if args.edit_size:
         row["first_edit"] = first_edit(components, transformer, args.edit_size, args.steps)
     return writer.write("restart", **row)
@@ -112,9 +112,9 @@ def first_edit(components, transformer, size: tuple[int, int], steps: int) -> di
     editor = KontextEditor(dataclasses.replace(components, transformer=transformer))
     level = AccelerationLevel.GO_REALLY_FAST
     request = EditRequest(
-        bench.PROMPT, bench.sample_image(*size), num_inference_steps=steps, seed=0, acceleration=level
+        timing.PROMPT, timing.sample_image(*size), num_inference_steps=steps, seed=0, acceleration=level
     )
-    graphs = bench.graphs_compiled()
+    graphs = timing.graphs_compiled()
     t0 = clock.now(transformer.device)
     result = editor.edit_at_size(request, size, size)
     total = clock.now(transformer.device) - t0
@@ -124,7 +124,7 @@ def first_edit(components, transformer, size: tuple[int, int], steps: int) -> di
         "level": level.value,
         "total_s": total,
         "seconds": result.seconds,
-        "recompiles": bench.graphs_compiled() - graphs,
+        "recompiles": timing.graphs_compiled() - graphs,
     }
 
 
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--compile-backend", default="inductor", help="'eager' for CPU tests (no code generation)")
     parser.add_argument(
-        "--edit-size", type=bench.parse_size, default=None, help="time a first edit of this size after ready"
+        "--edit-size", type=timing.parse_size, default=None, help="time a first edit of this size after ready"
     )
     parser.add_argument("--steps", type=int, default=28, help="steps of the first edit")
     records.add_row_options(parser)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flux.tiny import FULL, build_pipeline
-from measure import bench
+from measure import bench, timing
 from measure.records import RowWriter, read_rows
 
 
@@ -23,13 +23,13 @@ def test_full_size_models_have_flux_kontext_dimensions_without_allocating():
 
 def test_full_config_is_refused_on_the_cpu():
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        bench.build_components("full", torch.device("cpu"))
+        timing.build_components("full", torch.device("cpu"))
 
 
 def test_megapixel_sizes():
-    assert bench.megapixel_size(0.25) == (512, 512)
-    assert bench.megapixel_size(1) == (1024, 1024)
-    assert bench.megapixel_size(2) == (1456, 1456)
+    assert timing.megapixel_size(0.25) == (512, 512)
+    assert timing.megapixel_size(1) == (1024, 1024)
+    assert timing.megapixel_size(2) == (1456, 1456)
 
 
 def test_budget_spent_skips_every_row_and_keeps_the_rest(tmp_path, capsys):
@@ -68,7 +68,7 @@ def test_a_setting_that_cannot_run_here_is_skipped_and_the_others_run(tmp_path):
 def test_each_setting_starts_from_the_same_eager_weights():
     transformer = build_pipeline().transformer
     original = {k: v.clone() for k, v in transformer.state_dict().items()}
-    source = bench.TransformerSource(transformer)
+    source = timing.TransformerSource(transformer)
     assert source.get(modifies=False, needed_later=True) is transformer
     assert source._state is None  # nothing changed it: no copy was needed
     first = source.get(modifies=True, needed_later=True)
