@@ -1,4 +1,4 @@
-"""The benchmark's JSON lines as the tables BENCHMARKS.md shows, and the targets as met / not met.
+"""The benchmark's JSON lines as the tables docs/benchmarks.md shows, and the targets as met / not met.
 
     python -m measure.bench_table out/part1.jsonl out/part2.jsonl ...
 
@@ -362,7 +362,7 @@ FAST_TARGET = "go really fast + fp8 + compile: within 1.25× of its floor"
 SPEEDUP_TARGET = "… and ≥ 3× faster than diffusers' eager pipeline"
 """The targets on the floor of measure.floors: matmuls at the GEMM rate (fp8 layers at the fp8 rate), attention
 at the best SDPA rate. At the rates assumed for an H100 the fp8 floor of 13 calls is ~2.5 s and diffusers' eager
-28 calls ~8 s, so 3× is about what the floor allows (BENCHMARKS.md)."""
+28 calls ~8 s, so 3× is about what the floor allows (docs/benchmarks.md)."""
 
 
 def _peak(r: dict) -> float:
@@ -371,7 +371,7 @@ def _peak(r: dict) -> float:
 
 
 def targets(rows: list[dict]) -> list[tuple[str, str]]:
-    """(target, status) for each target BENCHMARKS.md lists, from the GPU rows only."""
+    """(target, status) for each target docs/benchmarks.md lists, from the GPU rows only."""
     metas = _metas(rows)
     runs = [r for r in _gpu_rows(rows, "run") if _at_target_size(r)]
     out = []

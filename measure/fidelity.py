@@ -17,7 +17,7 @@ the same case from the same noise and is compared with it:
 
 The cases are the proxy's synthetic edit task (measure.proxy) at --size pixels, or one --image with
 --prompt. Metrics are averaged over cases (extrapolation error: mean over all skipped steps, and
-the max). See FIDELITY.md for the measured table. --peers runs the slower comparison with the caches
+the max). See docs/fidelity.md for the measured table. --peers runs the slower comparison with the caches
 of diffusers and cache-dit instead (measure.peers).
 """
 

@@ -1,5 +1,5 @@
-"""The GPU measurement kit: the speed figures BENCHMARKS.md lacks, in parts that each fit one command on a
-GPU lent for minutes (script/bench-gpu is the entry point).
+"""The GPU measurement kit: the speed figures docs/benchmarks.md lacks, in parts that each fit one command on a
+GPU available for minutes (script/bench-gpu is the entry point).
 
     python -m measure.kit quick              # the headline figures in one command (at most 9 minutes)
     python -m measure.kit --smoke quick      # the same on the tiny model on the CPU (the tests run it)

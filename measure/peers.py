@@ -60,7 +60,7 @@ from measure.peer_methods import (
 from measure.variants import AdaptiveConfig, schedules_with_calls
 
 LEVELS = (AccelerationLevel.GO_FAST, AccelerationLevel.GO_REALLY_FAST)  # their calls are the budgets
-TUNING_SEED = 1234  # the cases FIDELITY.md's variant tables (and the shipped orders) were chosen on
+TUNING_SEED = 1234  # the cases docs/fidelity.md's variant tables (and the shipped orders) were chosen on
 HELD_OUT_SEED = 4321
 CALIBRATION_SEED = 9876  # MagCache's ratios
 CALIBRATION_CASES = 4

@@ -1,7 +1,7 @@
 """A GPU rehearsal on the CPU: the full-size FLUX.1 Kontext model in bfloat16 on a fake CUDA device runs whole
 edits through the serving code (flux.pipeline.KontextEditor), with no memory and no compute.
 
-    python -m measure.rehearsal                        # 0.25 / 1 / 2 MP: the estimates in BENCHMARKS.md
+    python -m measure.rehearsal                        # 0.25 / 1 / 2 MP: the estimates in docs/benchmarks.md
     python -m measure.rehearsal --megapixels 1 --steps 28
 
 torch's FakeTensorMode gives every tensor a device, a dtype and a shape and no data: the ~17B parameters

@@ -1,4 +1,4 @@
-"""Research variants of TaylorSeer, measured in FIDELITY.md, plugged into the serving loop's own seam.
+"""Research variants of TaylorSeer, measured in docs/fidelity.md, plugged into the serving loop's own seam.
 
 `sampling.denoise` takes an `extrapolation` (anything with `start()` returning a state with
 `update()`/`predict()`) and a `compute` step map or policy. The shipped extrapolation is

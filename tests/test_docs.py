@@ -140,3 +140,12 @@ def test_the_readme_and_the_schema_name_the_same_input_formats_and_each_loads(tm
 def test_the_readme_says_megapixels_is_a_string():
     row = next(line for line in README.splitlines() if line.startswith("| `megapixels` |"))
     assert '`"0.25"`' in row and "422" in row
+
+
+def test_the_measuring_tools_table_matches_the_package():
+    """docs/development.md lists every module of measure/ once, and nothing that is not there."""
+    text = (ROOT / "docs" / "development.md").read_text().split("## The measuring tools", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| `")]
+    listed = re.findall(r"`(\w+)\.py`", "\n".join(first_cells))
+    modules = sorted(p.stem for p in (ROOT / "measure").glob("*.py") if p.stem != "__init__")
+    assert sorted(listed) == modules
