@@ -1,5 +1,6 @@
-"""predict.py as `cog build` reads it: Cog's static parse of the predictor's Input() declarations, and what that
-parse reads. The OpenAPI document made from it, and what it changes silently: script/openapi_schema.py.
+"""predict.py as `cog build` reads it: Cog's static parse of the predictor's Input() declarations.
+
+The OpenAPI document made from the parse, and what the parse changes silently: script/openapi_schema.py.
 
 Since Cog 0.17 the CLI parses predict.py statically (tree-sitter) instead of running Cog's Python inspector, so
 what a predictor declares reaches the schema only in the forms that parser reads. This module applies the same
