@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from flux import sampling
+from flux import clock, sampling
 
 MLP_RATIO = 4  # FluxTransformerBlock / FluxSingleTransformerBlock hard-code a 4× MLP
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep / guidance projections
@@ -149,23 +148,16 @@ CPU_SHAPE = (1024, 1024, 1024)
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _best_seconds(fn, device: torch.device, runs: int, per_run: int) -> float:
     """The best of `runs` timings of `per_run` calls of `fn` (after three untimed ones), per call."""
     for _ in range(3):
         fn()
     best = math.inf
     for _ in range(runs):
-        sync(device)
-        t0 = time.perf_counter()
+        t0 = clock.now(device)
         for _ in range(per_run):
             fn()
-        sync(device)
-        best = min(best, (time.perf_counter() - t0) / per_run)
+        best = min(best, (clock.now(device) - t0) / per_run)
     return best
 
 

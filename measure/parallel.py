@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from flux import parallel, sampling
+from flux import clock, parallel, sampling
 from flux.optimize import AccelerationConfig, Shape, apply
 from measure import records
-from measure.floors import ASSUMED_H100, call_floor, full_config, sync, transformer_flops
+from measure.floors import ASSUMED_H100, call_floor, full_config, transformer_flops
 from measure.quick import ASSUMED
 
 # ---- on paper ------------------------------------------------------------------------------------------------
@@ -232,13 +232,12 @@ def _timed_call(
 ) -> tuple[float, torch.Tensor | None]:
     """Seconds of one call on every rank (this rank's share, the output gathered to rank 0, the device synced),
     and the whole output on rank 0."""
-    t0 = time.perf_counter()
+    t0 = clock.now(device)
     with torch.inference_mode():
         output = transformer(**kwargs)[0]
         if context_parallel:
             output = context_parallel[0].gather(output)
-    sync(device)
-    return time.perf_counter() - t0, output
+    return clock.now(device) - t0, output
 
 
 def _output_path(args: argparse.Namespace, setting: str, degree: int, shape: Shape) -> Path:

@@ -17,12 +17,11 @@ import PIL.Image
 import torch
 from torch._dynamo.utils import counters
 
-from flux import sampling
+from flux import clock, sampling
 from flux.model import FluxComponents
 from flux.pipeline import EditRequest, KontextEditor
 from flux.taylor_seer_utils import AccelerationLevel, generate_compute_step_map
 from flux.tiny import FULL, TINY, build_pipeline
-from measure import floors
 
 PROMPT = "make the car red"
 SEED = 0
@@ -152,8 +151,7 @@ def step_costs(editor: KontextEditor, request: EditRequest, size: tuple[int, int
     marks: list[tuple[float, bool]] = []
 
     def on_step(step: sampling.Step) -> None:
-        floors.sync(device)
-        marks.append((time.perf_counter(), step.computed))
+        marks.append((clock.now(device), step.computed))
 
     editor.edit_at_size(request, size, size, on_step)
     computed, skipped = [], []
@@ -185,11 +183,9 @@ def bench_ours(
     graphs = graphs_compiled()
     runs = []
     for _ in range(repeats):
-        floors.sync(device)
-        t0 = time.perf_counter()
+        t0 = clock.now(device)
         result = editor.edit_at_size(edit, size, size)
-        floors.sync(device)
-        runs.append((time.perf_counter() - t0, result))
+        runs.append((clock.now(device) - t0, result))
     total, result = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     step_map = generate_compute_step_map(level, steps)
     out = {
@@ -239,11 +235,9 @@ def bench_baseline(
         times = []
         for _ in range(repeats):
             calls = 0
-            floors.sync(device)
-            t0 = time.perf_counter()
+            t0 = clock.now(device)
             pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(SEED))
-            floors.sync(device)
-            times.append(time.perf_counter() - t0)
+            times.append(clock.now(device) - t0)
     finally:
         hook.remove()
     return {

@@ -55,3 +55,20 @@ def test_the_fidelity_tools_import_one_way():
     assert not {n for n in peers if n.startswith("measure.fidelity")}
     assert not {n for n in cases if n.startswith(("measure.fidelity", "measure.peers"))}
     assert "measure.cases" in peers & fidelity
+
+
+MODULES = [*ROOT.glob("flux/*.py"), *ROOT.glob("serving/*.py"), *ROOT.glob("measure/*.py"), *ROOT.glob("script/*.py")]
+
+
+def test_no_python_file_is_over_500_lines():
+    """A file that grows past 500 lines is split along its own seam (as ranks/rank_wire, bench/timing)."""
+    files = [ROOT / "predict.py", *MODULES, *ROOT.glob("tests/*.py")]
+    long = {str(f.relative_to(ROOT)): n for f in files if (n := len(f.read_text().splitlines())) > 500}
+    assert long == {}
+
+
+def test_every_module_says_what_it_is_for():
+    """Each module opens with a docstring whose first line is what a newcomer reads first."""
+    for path in [ROOT / "predict.py", *MODULES]:
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and doc.splitlines()[0].strip(), f"{path.relative_to(ROOT)} has no docstring"
