@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Estimates at the rates assumed for an H100 ({ASSUMED_H100.source}), compiled calls:\n")
         print(plan_table())
         print(f"\nLinks: {NVLINK_H100.name}; {PCIE5.name}; {COLLECTIVE_LATENCY_S * 1e6:.0f} us per collective.")
-        print(f"Published (as quoted in issue 21): {XDIT_FLUX_DEV}; {CACHE_DIT_FLUX}.")
+        print(f"Published (the projects' own figures): {XDIT_FLUX_DEV}; {CACHE_DIT_FLUX}.")
         return 0
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.size = args.size or [(1024, 1024), (1024, 1024, 720, 1456)]
